@@ -1,0 +1,4 @@
+"""Package build; metadata and pins live in setup.cfg."""
+from setuptools import setup
+
+setup()
