@@ -1,0 +1,202 @@
+"""``BiLevelRoutingAttention``: the BRA layer of BiFormer as an nn.Module."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from .functional import BACKENDS, bra_attention
+from .routing import region_mean, route
+
+__all__ = ['BiLevelRoutingAttention', 'QKVLinear']
+
+PAD_MODES = ('legacy', 'masked')
+
+
+class QKVLinear(nn.Module):
+    """One linear layer producing ``q | k | v`` along channels.
+
+    Kept as a submodule so the parameter is named ``qkv.qkv`` like in the
+    official checkpoints.
+    """
+
+    def __init__(self, dim: int, qk_dim: int, bias: bool = True) -> None:
+        super().__init__()
+        self.dim = dim
+        self.qk_dim = qk_dim
+        self.qkv = nn.Linear(dim, qk_dim + qk_dim + dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(..., dim)`` -> q ``(..., qk_dim)``, k ``(..., qk_dim)``, v
+        ``(..., dim)``."""
+        return self.qkv(x).split([self.qk_dim, self.qk_dim, self.dim],
+                                 dim=-1)
+
+
+class BiLevelRoutingAttention(nn.Module):
+    """Bi-level routing attention (BiFormer, CVPR 2023).
+
+    The feature map is split into ``n_win x n_win`` regions; every region
+    routes to the ``topk`` regions whose mean key best matches its mean query
+    (one routing shared by all heads), then its tokens attend to the tokens
+    of those regions. A depthwise conv on ``v`` (LePE) is added before the
+    output projection ``wo``.
+
+    Args:
+        dim: channels ``C`` of the input and output.
+        num_heads: attention heads; must divide ``qk_dim`` and ``dim``.
+        n_win: regions per side.
+        qk_dim: query/key channels (default ``dim``).
+        qk_scale: logit scale (default ``qk_dim ** -0.5``: over all heads,
+            like the official code).
+        topk: routed regions per query region, ``1 <= topk <= n_win**2``.
+        side_dwconv: LePE kernel size (odd; ``0`` disables LePE).
+        auto_pad: zero-pad bottom/right to a multiple of ``n_win`` (else the
+            map must be divisible by ``n_win``); the output is cropped back.
+        pad_mode: ``'legacy'`` (padded tokens go through ``qkv`` and take
+            part in routing and attention, as in the official code) or
+            ``'masked'`` (padded tokens are excluded from the region means
+            and as keys).
+        backend: attention backend, one of ``'reference'``, ``'official'``,
+            ``'gather'``, ``'fused'``, ``'triton'``, ``'auto'``; a plain
+            attribute that can be changed at any time.
+
+    Shapes:
+        ``forward(x)``: ``x`` ``(N, H, W, C)`` channels-last, returns
+        ``(N, H, W, C)``. With ``return_routing=True`` also a dict with
+        ``topk_index`` ``(N, R, topk)`` int64, ``routing_logits``
+        ``(N, R, R)`` (detached), ``n_win``, ``padded_hw`` ``(Hp, Wp)``,
+        ``region_hw`` ``(Hp // n_win, Wp // n_win)`` and ``backend`` (the
+        one actually used), with ``R = n_win ** 2``.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, n_win: int = 7,
+                 qk_dim: Optional[int] = None,
+                 qk_scale: Optional[float] = None, topk: int = 4,
+                 side_dwconv: int = 5, auto_pad: bool = False,
+                 pad_mode: str = 'legacy', backend: str = 'auto') -> None:
+        super().__init__()
+        qk_dim = qk_dim or dim
+        for name, val in (('dim', dim), ('num_heads', num_heads),
+                          ('n_win', n_win), ('qk_dim', qk_dim),
+                          ('topk', topk)):
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f'{name} must be a positive int, got {val!r}')
+        if dim % num_heads or qk_dim % num_heads:
+            raise ValueError(
+                f'num_heads={num_heads} must divide dim={dim} and '
+                f'qk_dim={qk_dim}; choose num_heads among the common '
+                'divisors (e.g. dim // 32)')
+        if topk > n_win * n_win:
+            raise ValueError(
+                f'topk={topk} is larger than the number of regions '
+                f'n_win**2={n_win * n_win}; use topk <= {n_win * n_win} or '
+                'a larger n_win')
+        if side_dwconv < 0 or (side_dwconv and side_dwconv % 2 == 0):
+            raise ValueError(f'side_dwconv={side_dwconv} must be 0 (no LePE) '
+                             'or an odd kernel size such as 3 or 5')
+        if pad_mode not in PAD_MODES:
+            raise ValueError(f'pad_mode={pad_mode!r} is not supported; choose '
+                             f'one of {PAD_MODES}')
+        self.dim = dim
+        self.num_heads = num_heads
+        self.n_win = n_win
+        self.qk_dim = qk_dim
+        self.scale = qk_scale or qk_dim ** -0.5
+        self.topk = topk
+        self.side_dwconv = side_dwconv
+        self.auto_pad = auto_pad
+        self.pad_mode = pad_mode
+        self.backend = backend
+
+        self.qkv = QKVLinear(dim, qk_dim)
+        self.wo = nn.Linear(dim, dim)
+        if side_dwconv > 0:
+            self.lepe = nn.Conv2d(dim, dim, kernel_size=side_dwconv,
+                                  stride=1, padding=side_dwconv // 2,
+                                  groups=dim)
+        else:
+            self.lepe = None
+
+    def extra_repr(self) -> str:
+        return (f'dim={self.dim}, num_heads={self.num_heads}, '
+                f'n_win={self.n_win}, qk_dim={self.qk_dim}, '
+                f'topk={self.topk}, auto_pad={self.auto_pad}, '
+                f'pad_mode={self.pad_mode!r}, backend={self.backend!r}')
+
+    def forward(self, x: Tensor, return_routing: bool = False
+                ) -> Union[Tensor, Tuple[Tensor, Dict[str, Any]]]:
+        if x.dim() != 4 or x.shape[-1] != self.dim:
+            raise ValueError(
+                'BiLevelRoutingAttention expects channels-last input (N, H, '
+                f'W, C={self.dim}), got shape {tuple(x.shape)}')
+        if self.backend not in BACKENDS:
+            raise ValueError(f'backend={self.backend!r} is not supported; '
+                             f'choose one of {BACKENDS}')
+        n, h_in, w_in, _ = x.shape
+        nw = self.n_win
+        pad_b, pad_r = (-h_in) % nw, (-w_in) % nw
+        if pad_b or pad_r:
+            if not self.auto_pad:
+                raise ValueError(
+                    f'feature map {h_in}x{w_in} is not divisible by '
+                    f'n_win={nw}; set auto_pad=True or resize the input to '
+                    f'a multiple of {nw}')
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        hp, wp = h_in + pad_b, w_in + pad_r
+        rh, rw = hp // nw, wp // nw
+
+        q, k, v = self.qkv(x)  # (N, Hp, Wp, c)
+
+        def regions(t: Tensor) -> Tensor:
+            return rearrange(t, 'n (j h) (i w) c -> n (j i) (h w) c', j=nw,
+                             i=nw)
+
+        q_reg, k_reg, v_reg = regions(q), regions(k), regions(v)
+
+        token_mask = None
+        region_valid = None
+        if self.pad_mode == 'masked' and (pad_b or pad_r):
+            valid = torch.zeros(hp, wp, dtype=torch.bool, device=x.device)
+            valid[:h_in, :w_in] = True
+            token_mask = rearrange(valid, '(j h) (i w) -> (j i) (h w)', j=nw,
+                                   i=nw).unsqueeze(0)  # (1, R, T)
+            region_valid = token_mask.any(-1)  # (1, R)
+
+        with torch.no_grad():
+            q_win = region_mean(q_reg.detach(), token_mask)
+            k_win = region_mean(k_reg.detach(), token_mask)
+            logits, topk_index = route(q_win, k_win, self.topk, self.scale,
+                                       region_valid)
+
+        m = self.num_heads
+        qh = rearrange(q_reg, 'n r t (m c) -> n m r t c', m=m)
+        kh = rearrange(k_reg, 'n r t (m c) -> n m r t c', m=m)
+        vh = rearrange(v_reg, 'n r t (m c) -> n m r t c', m=m)
+        key_mask = None
+        if token_mask is not None:
+            key_mask = token_mask.expand(n, -1, -1)
+        backend = self.backend
+        if backend == 'auto':
+            from .functional import select_backend
+            backend = select_backend(qh)
+        out = bra_attention(qh, kh, vh, topk_index, scale=self.scale,
+                            backend=backend, key_mask=key_mask)
+        out = rearrange(out, 'n m (j i) (h w) c -> n (j h) (i w) (m c)',
+                        j=nw, i=nw, h=rh, w=rw)
+        if self.lepe is not None:
+            lepe = self.lepe(v.permute(0, 3, 1, 2))
+            out = out + lepe.permute(0, 2, 3, 1)
+        out = self.wo(out)
+        if pad_b or pad_r:
+            out = out[:, :h_in, :w_in, :].contiguous()
+        if not return_routing:
+            return out
+        info = dict(topk_index=topk_index, routing_logits=logits,
+                    n_win=nw, padded_hw=(hp, wp), region_hw=(rh, rw),
+                    backend=backend)
+        return out, info
