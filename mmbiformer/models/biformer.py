@@ -1,0 +1,418 @@
+"""The BiFormer backbone (Zhu et al., "BiFormer: Vision Transformer with
+Bi-Level Routing Attention", CVPR 2023) as an mmengine ``BaseModule``.
+
+One class serves classification (mmpretrain), detection (mmdet) and
+segmentation (mmseg); :mod:`mmbiformer.registry` registers it as
+``BiFormer`` in each toolbox that is installed.
+"""
+import copy
+import math
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint as cp
+from mmcv.cnn import build_norm_layer
+from mmengine.model import BaseModule
+from mmengine.model.weight_init import trunc_normal_
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..ops import BiLevelRoutingAttention
+from .layers import BiFormerBlock, GlobalAttention, LayerNorm2d
+
+ARCH_KEYS = ('embed_dims', 'depths', 'head_dim', 'mlp_ratios', 'topks')
+OPTIONAL_ARCH_KEYS = ('qk_dims', )
+OUT_NORMS = ('bn', 'ln', None)
+
+
+class BiFormer(BaseModule):
+    """BiFormer backbone.
+
+    Architecture (as the official model): a convolutional stem (Conv3x3 s2
+    to ``C0/2``, BN, GELU, Conv3x3 s2 to ``C0``, BN) and between stages a
+    Conv3x3 s2 + BN; four stages of :class:`~.layers.BiFormerBlock`. Stages
+    with ``topk > 0`` use bi-level routing attention
+    (:class:`mmbiformer.ops.BiLevelRoutingAttention`, ``num_heads = C //
+    head_dim``, ``qk_dim`` = ``qk_dims[i]``, LePE 5x5); a stage with
+    ``topk == -2`` uses global attention with LePE and 8 heads
+    (:class:`~.layers.GlobalAttention`), ``topk == -1`` the same without
+    LePE.
+
+    Args:
+        arch (str | dict): ``'tiny'``, ``'small'``, ``'base'`` or a dict
+            with keys ``embed_dims``, ``depths``, ``head_dim``,
+            ``mlp_ratios``, ``topks`` and optionally ``qk_dims`` (defaults to
+            ``embed_dims``). Defaults to ``'tiny'``.
+        in_channels (int): Input channels. Defaults to 3.
+        n_win (int): Regions per side of the routing grid. Official values:
+            7 (classification at 224), 16 (detection), 8 (segmentation).
+        out_indices (Sequence[int] | int): Stages whose outputs are returned
+            (negative values count from the end). Defaults to ``(3, )``.
+        out_norm (str | None): Norm on each returned output: ``'bn'``
+            (BatchNorm2d, the official classification norm after the last
+            stage), ``'ln'`` (LayerNorm over channels, eps 1e-6, the official
+            dense-prediction norm) or ``None``. ``'auto'`` (default) means
+            ``'bn'`` when ``out_indices == (3, )`` and ``'ln'`` otherwise.
+        drop_path_rate (float): Stochastic depth rate, increased linearly
+            over all blocks. Defaults to 0.
+        side_dwconv (int): LePE kernel size. Defaults to 5.
+        pos_embed_kernel (int): Kernel of the per-block depthwise conv
+            position embedding. Defaults to 3.
+        global_attn_heads (int): Heads of the ``topk < 0`` global attention
+            (8 in the official models whatever the width). Defaults to 8.
+        auto_pad (bool): Pad feature maps whose size is not a multiple of
+            ``n_win`` inside each routing attention (and crop back). Without
+            it such inputs raise a ``ValueError``. Defaults to False.
+        pad_mode (str): ``'legacy'`` (the official behaviour: zero padding
+            before the qkv projection, padded tokens take part in routing and
+            attention) or ``'masked'`` (padded tokens are ignored).
+        attn_backend (str): Backend of the routing attention (``'auto'``,
+            ``'reference'``, ``'official'``, ``'gather'``, ``'fused'``,
+            ``'triton'``); changeable later through :attr:`attn_backend`.
+        norm_cfg (dict): Norm of the stem/downsampling convs and of the
+            ``'bn'`` output norm. Defaults to ``dict(type='BN')``.
+        frozen_stages (int): Stages (with their downsampling layers and
+            output norms) to freeze; 0 freezes nothing. Defaults to 0.
+        norm_eval (bool): Keep BatchNorm layers in eval mode during training.
+        with_cp (bool): Activation checkpointing of every block.
+        init_cfg (dict | list[dict], optional): Initialisation config.
+            ``dict(type='Pretrained', checkpoint=..., prefix=...)`` accepts
+            official ImageNet checkpoints (``{'model': ...}``), official
+            mmdet/mmseg checkpoints (``backbone.*`` with ``extra_norms``) and
+            this project's layout; see :mod:`mmbiformer.models.checkpoint`.
+
+    Inputs and outputs:
+        ``x`` (N, in_channels, H, W) -> tuple of (N, C_i, H_i, W_i) for ``i``
+        in ``out_indices``, with ``C_i = embed_dims[i]`` and ``H_i =
+        ceil(H / 2 ** (i + 2))`` (likewise ``W_i``).
+    """
+
+    arch_zoo: Dict[str, dict] = {
+        'tiny': dict(
+            embed_dims=[64, 128, 256, 512],
+            depths=[2, 2, 8, 2],
+            head_dim=32,
+            mlp_ratios=[3, 3, 3, 3],
+            topks=[1, 4, 16, -2]),
+        'small': dict(
+            embed_dims=[64, 128, 256, 512],
+            depths=[4, 4, 18, 4],
+            head_dim=32,
+            mlp_ratios=[3, 3, 3, 3],
+            topks=[1, 4, 16, -2]),
+        'base': dict(
+            embed_dims=[96, 192, 384, 768],
+            depths=[4, 4, 18, 4],
+            head_dim=32,
+            mlp_ratios=[3, 3, 3, 3],
+            topks=[1, 4, 16, -2]),
+    }
+    arch_zoo['t'] = arch_zoo['tiny']
+    arch_zoo['s'] = arch_zoo['small']
+    arch_zoo['b'] = arch_zoo['base']
+
+    num_stages = 4
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'tiny',
+                 in_channels: int = 3,
+                 n_win: int = 7,
+                 out_indices: Union[int, Sequence[int]] = (3, ),
+                 out_norm: Optional[str] = 'auto',
+                 drop_path_rate: float = 0.,
+                 side_dwconv: int = 5,
+                 pos_embed_kernel: int = 3,
+                 global_attn_heads: int = 8,
+                 auto_pad: bool = False,
+                 pad_mode: str = 'legacy',
+                 attn_backend: str = 'auto',
+                 norm_cfg: Optional[dict] = None,
+                 frozen_stages: int = 0,
+                 norm_eval: bool = False,
+                 with_cp: bool = False,
+                 init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        norm_cfg = norm_cfg or dict(type='BN')
+        self.arch_settings = self._parse_arch(arch)
+        embed_dims = self.arch_settings['embed_dims']
+        depths = self.arch_settings['depths']
+        head_dim = self.arch_settings['head_dim']
+        mlp_ratios = self.arch_settings['mlp_ratios']
+        topks = self.arch_settings['topks']
+        qk_dims = self.arch_settings['qk_dims']
+        self.embed_dims = embed_dims
+        self.depths = depths
+
+        self.out_indices = self._parse_out_indices(out_indices)
+        if out_norm == 'auto':
+            out_norm = 'bn' if self.out_indices == (3, ) else 'ln'
+        if out_norm not in OUT_NORMS:
+            raise ValueError(f"out_norm must be 'auto', 'bn', 'ln' or None, "
+                             f'got {out_norm!r}')
+        self.out_norm = out_norm
+        self.n_win = n_win
+        self.auto_pad = auto_pad
+        self.pad_mode = pad_mode
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self.with_cp = with_cp
+
+        # stem and downsampling layers (official names and indices)
+        c0 = embed_dims[0]
+        stem = nn.Sequential(
+            nn.Conv2d(in_channels, c0 // 2, 3, stride=2, padding=1),
+            build_norm_layer(norm_cfg, c0 // 2)[1],
+            nn.GELU(),
+            nn.Conv2d(c0 // 2, c0, 3, stride=2, padding=1),
+            build_norm_layer(norm_cfg, c0)[1],
+        )
+        self.downsample_layers = nn.ModuleList([stem])
+        for i in range(1, self.num_stages):
+            self.downsample_layers.append(
+                nn.Sequential(
+                    nn.Conv2d(
+                        embed_dims[i - 1],
+                        embed_dims[i],
+                        3,
+                        stride=2,
+                        padding=1),
+                    build_norm_layer(norm_cfg, embed_dims[i])[1]))
+
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.stages = nn.ModuleList()
+        cur = 0
+        for i in range(self.num_stages):
+            blocks = []
+            for j in range(depths[i]):
+                attn = self._make_attn(embed_dims[i], qk_dims[i], head_dim,
+                                       topks[i], side_dwconv,
+                                       global_attn_heads, attn_backend)
+                blocks.append(
+                    BiFormerBlock(
+                        embed_dims[i],
+                        attn,
+                        mlp_ratio=mlp_ratios[i],
+                        drop_path=dpr[cur + j],
+                        pos_embed_kernel=pos_embed_kernel))
+            self.stages.append(nn.ModuleList(blocks))
+            cur += depths[i]
+
+        # per-output norms: norm{i}
+        for i in self.out_indices:
+            if out_norm == 'bn':
+                layer = build_norm_layer(norm_cfg, embed_dims[i])[1]
+            elif out_norm == 'ln':
+                layer = LayerNorm2d(embed_dims[i], eps=1e-6)
+            else:
+                layer = nn.Identity()
+            self.add_module(f'norm{i}', layer)
+
+        self._freeze_stages()
+
+    # ------------------------------------------------------------- building
+    @classmethod
+    def _parse_arch(cls, arch: Union[str, dict]) -> dict:
+        if isinstance(arch, str):
+            name = arch.lower()
+            if name not in cls.arch_zoo:
+                raise ValueError(
+                    f'Unknown BiFormer arch {arch!r}; choose one of '
+                    f'{sorted(cls.arch_zoo)} or pass a dict with keys '
+                    f'{list(ARCH_KEYS)} (and optionally '
+                    f'{list(OPTIONAL_ARCH_KEYS)}).')
+            settings = copy.deepcopy(cls.arch_zoo[name])
+        elif isinstance(arch, dict):
+            missing = [k for k in ARCH_KEYS if k not in arch]
+            unknown = [
+                k for k in arch if k not in ARCH_KEYS + OPTIONAL_ARCH_KEYS
+            ]
+            if missing or unknown:
+                raise ValueError(
+                    f'A custom BiFormer arch needs the keys {list(ARCH_KEYS)}'
+                    f' (optional: {list(OPTIONAL_ARCH_KEYS)}); missing '
+                    f'{missing}, unknown {unknown}.')
+            settings = copy.deepcopy(dict(arch))
+        else:
+            raise TypeError(
+                f'arch must be a str or a dict, got {type(arch).__name__}')
+
+        settings.setdefault('qk_dims', None)
+        if settings['qk_dims'] is None:
+            settings['qk_dims'] = list(settings['embed_dims'])
+        for key in ('embed_dims', 'depths', 'mlp_ratios', 'topks',
+                    'qk_dims'):
+            value = settings[key]
+            if not isinstance(value, (list, tuple)) or \
+                    len(value) != cls.num_stages:
+                raise ValueError(
+                    f'arch[{key!r}] must be a sequence of {cls.num_stages} '
+                    f'values, got {value!r}')
+            settings[key] = list(value)
+        for i, topk in enumerate(settings['topks']):
+            if not (topk > 0 or topk in (-1, -2)):
+                raise ValueError(
+                    f'arch topks[{i}] = {topk}: use a positive region count '
+                    '(bi-level routing attention), -2 (global attention with '
+                    'LePE) or -1 (global attention)')
+        return settings
+
+    def _parse_out_indices(
+            self, out_indices: Union[int, Sequence[int]]) -> Tuple[int, ...]:
+        if isinstance(out_indices, int):
+            out_indices = [out_indices]
+        parsed = []
+        for index in out_indices:
+            i = index + self.num_stages if index < 0 else index
+            if not 0 <= i < self.num_stages:
+                raise ValueError(f'Invalid out_indices entry {index} for '
+                                 f'{self.num_stages} stages')
+            parsed.append(i)
+        if len(set(parsed)) != len(parsed):
+            raise ValueError(f'Duplicate out_indices: {out_indices}')
+        return tuple(sorted(parsed))
+
+    def _make_attn(self, dim: int, qk_dim: int, head_dim: int, topk: int,
+                   side_dwconv: int, global_attn_heads: int,
+                   attn_backend: str) -> nn.Module:
+        if topk > 0:
+            if dim % head_dim != 0:
+                raise ValueError(
+                    f'width {dim} is not divisible by head_dim {head_dim}')
+            return BiLevelRoutingAttention(
+                dim,
+                num_heads=dim // head_dim,
+                n_win=self.n_win,
+                qk_dim=qk_dim,
+                topk=topk,
+                side_dwconv=side_dwconv,
+                auto_pad=self.auto_pad,
+                pad_mode=self.pad_mode,
+                backend=attn_backend)
+        return GlobalAttention(
+            dim,
+            num_heads=global_attn_heads,
+            side_dwconv=side_dwconv if topk == -2 else 0)
+
+    # ------------------------------------------------------------ backends
+    def routing_attentions(self) -> List[nn.Module]:
+        """All :class:`BiLevelRoutingAttention` modules of the backbone."""
+        return [
+            m for m in self.modules()
+            if isinstance(m, BiLevelRoutingAttention)
+        ]
+
+    @property
+    def attn_backend(self) -> Optional[str]:
+        """Backend of the routing attentions (None if there are none)."""
+        attns = self.routing_attentions()
+        return attns[0].backend if attns else None
+
+    @attn_backend.setter
+    def attn_backend(self, backend: str) -> None:
+        for m in self.routing_attentions():
+            m.backend = backend
+
+    # ------------------------------------------------------ initialisation
+    @staticmethod
+    def _official_init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.weight, 1.0)
+            nn.init.constant_(m.bias, 0)
+
+    def init_weights(self) -> None:
+        """Initialise as the official model, or load a checkpoint.
+
+        With ``init_cfg=dict(type='Pretrained', checkpoint=..., prefix=...)``
+        the checkpoint format is detected and its keys are mapped in memory
+        (:func:`mmbiformer.models.checkpoint.load_biformer_checkpoint`); the
+        load is non-strict and a report of mapped, missing and unexpected
+        keys is logged.
+        """
+        from .checkpoint import load_biformer_checkpoint
+
+        if self._is_init:
+            return super().init_weights()  # mmengine warns about re-init
+        cfgs = self.init_cfg or []
+        if isinstance(cfgs, dict):
+            cfgs = [cfgs]
+        pretrained = [c for c in cfgs if c.get('type') == 'Pretrained']
+        others = [c for c in cfgs if c.get('type') != 'Pretrained']
+        if len(pretrained) > 1:
+            raise ValueError('BiFormer accepts one Pretrained init_cfg, got '
+                             f'{len(pretrained)}')
+
+        self.apply(self._official_init)
+        original = self.init_cfg
+        self.init_cfg = others or None
+        try:
+            super().init_weights()
+        finally:
+            self.init_cfg = original
+        if pretrained:
+            cfg = pretrained[0]
+            load_biformer_checkpoint(
+                self,
+                cfg['checkpoint'],
+                prefix=cfg.get('prefix'),
+                map_location=cfg.get('map_location', 'cpu'))
+
+    # ------------------------------------------------------------- forward
+    def _check_size(self, stage: int, h: int, w: int) -> None:
+        if self.auto_pad or self.arch_settings['topks'][stage] <= 0:
+            return
+        if h % self.n_win or w % self.n_win:
+            scale = 2**(stage + 2)
+            raise ValueError(
+                f'BiFormer stage {stage + 1} gets a {h}x{w} feature map, not '
+                f'divisible by n_win={self.n_win}. Use auto_pad=True, or '
+                f'inputs whose sides are multiples of {scale * self.n_win} '
+                f'(n_win x {scale}).')
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """(N, C_in, H, W) -> tuple of (N, C_i, H_i, W_i), see class doc."""
+        outs = []
+        for i in range(self.num_stages):
+            x = self.downsample_layers[i](x)
+            self._check_size(i, x.shape[2], x.shape[3])
+            for block in self.stages[i]:
+                if self.with_cp and self.training and x.requires_grad:
+                    x = cp.checkpoint(block, x, use_reentrant=False)
+                else:
+                    x = block(x)
+            if i in self.out_indices:
+                outs.append(getattr(self, f'norm{i}')(x))
+        return tuple(outs)
+
+    # ------------------------------------------------------------- training
+    def _freeze_stages(self) -> None:
+        for i in range(min(self.frozen_stages, self.num_stages)):
+            modules = [self.downsample_layers[i], self.stages[i]]
+            if i in self.out_indices:
+                modules.append(getattr(self, f'norm{i}'))
+            for m in modules:
+                m.eval()
+                for p in m.parameters():
+                    p.requires_grad = False
+
+    def train(self, mode: bool = True) -> 'BiFormer':
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+        return self
+
+    def output_shapes(self, height: int,
+                      width: int) -> List[Tuple[int, int, int]]:
+        """(C_i, H_i, W_i) of each output for an ``height x width`` input."""
+        shapes = []
+        for i in self.out_indices:
+            s = 2**(i + 2)
+            shapes.append((self.embed_dims[i], math.ceil(height / s),
+                           math.ceil(width / s)))
+        return shapes

@@ -1,0 +1,268 @@
+"""Official BiFormer checkpoints: format detection and key mapping.
+
+Three layouts are understood:
+
+``official_in1k``
+    The authors' ImageNet checkpoints: ``{'model': state_dict}`` with keys
+    such as ``downsample_layers.0.0.weight``,
+    ``stages.2.5.attn.qkv.qkv.weight``,
+    ``norm.*`` (the BatchNorm after the last stage) and ``head.*``.
+``official_dense``
+    The authors' mmdet/mmseg checkpoints: ``{'state_dict': ...}`` with the
+    backbone under ``backbone.`` and a LayerNorm2d per output stored as
+    ``backbone.extra_norms.{i}``.
+``mm``
+    This project's layout (what :func:`convert_official_checkpoint` writes):
+    the backbone keys are the official ones except the output norms, which
+    are ``norm{i}`` (``norm.*`` -> ``norm3.*``, ``extra_norms.{i}`` ->
+    ``norm{i}``); a classifier's head is ``head.fc.*`` (mmpretrain
+    ``LinearClsHead``).
+
+The converter (``tools/model_converters/biformer_official2mm.py``) and the
+in-memory ``Pretrained`` initialisation of :class:`~.BiFormer` share this
+module.
+"""
+import logging
+import re
+from collections import OrderedDict
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+OFFICIAL_IN1K = 'official_in1k'
+OFFICIAL_DENSE = 'official_dense'
+MM = 'mm'
+
+LAST_STAGE = 3
+_EXTRA_NORM = re.compile(r'^extra_norms\.(\d+)\.(.+)$')
+_BACKBONE_ROOTS = ('downsample_layers.', 'stages.')
+
+
+def extract_state_dict(checkpoint: dict) -> Tuple[Dict[str, torch.Tensor],
+                                                  str]:
+    """The state dict inside a loaded checkpoint and the key it was under.
+
+    Looks for ``state_dict`` (mmengine / mmdet / mmseg), then ``model`` (the
+    official ImageNet checkpoints), else takes the dict itself; a
+    ``module.`` prefix (DataParallel) on every key is removed.
+    """
+    if not isinstance(checkpoint, dict):
+        raise TypeError(
+            f'Expected a checkpoint dict, got {type(checkpoint).__name__}')
+    if isinstance(checkpoint.get('state_dict'), dict):
+        state_dict, where = checkpoint['state_dict'], 'state_dict'
+    elif isinstance(checkpoint.get('model'), dict):
+        state_dict, where = checkpoint['model'], 'model'
+    else:
+        state_dict, where = checkpoint, '<root>'
+    if state_dict and all(k.startswith('module.') for k in state_dict):
+        state_dict = {k[len('module.'):]: v for k, v in state_dict.items()}
+    return OrderedDict(state_dict), where
+
+
+def detect_format(state_dict: Dict[str, torch.Tensor]) -> str:
+    """``'official_in1k'``, ``'official_dense'`` or ``'mm'`` (see module
+    doc). Raises ``ValueError`` if no BiFormer backbone key is found."""
+    keys = list(state_dict)
+
+    def has(pattern: str) -> bool:
+        return any(re.search(pattern, k) for k in keys)
+
+    if not has(r'(^|\.)(downsample_layers|stages)\.\d'):
+        raise ValueError(
+            'No BiFormer backbone keys (downsample_layers.*, stages.*) '
+            f'found in the checkpoint; first keys: {keys[:5]}')
+    if has(r'(^|\.)extra_norms\.\d+\.'):
+        return OFFICIAL_DENSE
+    if any(k.startswith(_BACKBONE_ROOTS) for k in keys):
+        # no prefix: the official ImageNet layout ('norm.*', 'head.*')
+        if has(r'^norm\d+\.') or has(r'^head\.fc\.'):
+            return MM
+        return OFFICIAL_IN1K
+    return MM
+
+
+def official_to_mm_backbone_key(key: str) -> str:
+    """Map one official backbone key (no ``backbone.`` prefix) to ours."""
+    match = _EXTRA_NORM.match(key)
+    if match:
+        return f'norm{match.group(1)}.{match.group(2)}'
+    if key.startswith('norm.'):
+        return f'norm{LAST_STAGE}.' + key[len('norm.'):]
+    return key
+
+
+def convert_official_checkpoint(checkpoint: dict) -> Tuple[dict, str]:
+    """Convert a whole official checkpoint to the OpenMMLab layout.
+
+    * ImageNet (``{'model': ...}``) -> mmpretrain ``ImageClassifier``:
+      ``backbone.*`` (with ``norm.*`` -> ``backbone.norm3.*``) and
+      ``head.*`` -> ``head.fc.*``.
+    * mmdet/mmseg (``state_dict`` with ``backbone.extra_norms``) -> the same
+      detector/segmentor with ``backbone.extra_norms.{i}`` ->
+      ``backbone.norm{i}``; every other key is kept.
+
+    Returns:
+        tuple: ``({'state_dict': ..., 'meta': ...}, detected_format)``.
+    """
+    state_dict, _ = extract_state_dict(checkpoint)
+    fmt = detect_format(state_dict)
+    converted = OrderedDict()
+    if fmt == OFFICIAL_IN1K:
+        for key, value in state_dict.items():
+            if key.startswith('head.'):
+                converted['head.fc.' + key[len('head.'):]] = value
+            else:
+                converted['backbone.' +
+                          official_to_mm_backbone_key(key)] = value
+    elif fmt == OFFICIAL_DENSE:
+        for key, value in state_dict.items():
+            if key.startswith('backbone.'):
+                key = 'backbone.' + official_to_mm_backbone_key(
+                    key[len('backbone.'):])
+            converted[key] = value
+    else:
+        raise ValueError('The checkpoint is already in the OpenMMLab layout '
+                         '(no official keys to convert).')
+    meta = dict(checkpoint.get('meta') or {})
+    meta['converted_from'] = fmt
+    return dict(state_dict=converted, meta=meta), fmt
+
+
+def backbone_state_dict(
+        state_dict: Dict[str, torch.Tensor],
+        prefix: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """Select and map the backbone weights of any supported layout.
+
+    Args:
+        state_dict: A state dict from :func:`extract_state_dict`.
+        prefix: Keep only keys starting with it and strip it (e.g.
+            ``'backbone.'``). If None and the keys carry no backbone prefix
+            themselves, ``'backbone.'`` is stripped when present.
+
+    Returns:
+        tuple: the mapped backbone state dict and a dict with ``format``,
+        ``prefix``, ``renamed`` ({old: new}) and ``dropped`` (head keys).
+    """
+    fmt = detect_format(state_dict)
+    if prefix is None and not any(
+            k.startswith(_BACKBONE_ROOTS) for k in state_dict):
+        prefix = 'backbone.'
+    if prefix:
+        selected = {
+            k[len(prefix):]: v
+            for k, v in state_dict.items() if k.startswith(prefix)
+        }
+        if not selected:
+            raise ValueError(f'No key of the checkpoint starts with the '
+                             f'prefix {prefix!r}')
+    else:
+        selected = dict(state_dict)
+    mapped, renamed, dropped = OrderedDict(), {}, []
+    for key, value in selected.items():
+        if key.startswith('head.'):
+            dropped.append(key)
+            continue
+        new = official_to_mm_backbone_key(key)
+        if new != key:
+            renamed[key] = new
+        mapped[new] = value
+    info = dict(format=fmt, prefix=prefix, renamed=renamed, dropped=dropped)
+    return mapped, info
+
+
+def _fit_output_norms(module: nn.Module, state_dict: Dict[str, torch.Tensor]
+                      ) -> List[str]:
+    """Remove ``norm{i}.*`` weights whose kind (BatchNorm with running
+    statistics vs LayerNorm) does not match the module's output norm."""
+    skipped = []
+    groups: Dict[str, List[str]] = {}
+    for key in state_dict:
+        match = re.match(r'^(norm\d+)\.', key)
+        if match:
+            groups.setdefault(match.group(1), []).append(key)
+    for name, keys in groups.items():
+        target = getattr(module, name, None)
+        ckpt_is_bn = any(k.endswith('.running_mean') for k in keys)
+        if target is None or isinstance(target, nn.Identity):
+            compatible = False
+        else:
+            compatible = ckpt_is_bn == isinstance(
+                target, nn.modules.batchnorm._BatchNorm)
+        if not compatible:
+            for k in keys:
+                skipped.append(k)
+                del state_dict[k]
+    return skipped
+
+
+def load_biformer_checkpoint(module: nn.Module,
+                             filename: str,
+                             prefix: Optional[str] = None,
+                             map_location: str = 'cpu',
+                             logger=None) -> dict:
+    """Load any supported checkpoint into a :class:`~.BiFormer` backbone.
+
+    The file is read with mmengine's ``CheckpointLoader`` (local paths,
+    ``http(s)://``, ``open-mmlab://`` ...), its format detected, its keys
+    mapped in memory and loaded non-strictly; a report naming renamed,
+    dropped, skipped, missing and unexpected keys is logged.
+
+    Returns:
+        dict: the report (``format``, ``missing``, ``unexpected``,
+        ``shape_mismatch``, ``skipped_norms``, ``dropped``, ``renamed``).
+    """
+    from mmengine.logging import MMLogger, print_log
+    from mmengine.runner.checkpoint import _load_checkpoint
+
+    if logger is None:
+        logger = MMLogger.get_current_instance()
+    checkpoint = _load_checkpoint(filename, map_location=map_location)
+    state_dict, where = extract_state_dict(checkpoint)
+    mapped, info = backbone_state_dict(state_dict, prefix)
+    skipped = _fit_output_norms(module, mapped)
+
+    own = module.state_dict()
+    mismatch = [
+        f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
+        for k, v in mapped.items() if k in own and v.shape != own[k].shape
+    ]
+    for k in list(mapped):
+        if k in own and mapped[k].shape != own[k].shape:
+            del mapped[k]
+    result = module.load_state_dict(mapped, strict=False)
+
+    report = dict(
+        format=info['format'],
+        missing=list(result.missing_keys),
+        unexpected=list(result.unexpected_keys),
+        shape_mismatch=mismatch,
+        skipped_norms=skipped,
+        dropped=info['dropped'],
+        renamed=info['renamed'])
+    lines = [
+        f'{type(module).__name__}: loaded {filename} '
+        f'(format {info["format"]}, weights under {where!r}, prefix '
+        f'{info["prefix"]!r}): {len(mapped) - len(report["unexpected"])} '
+        f'tensors loaded.'
+    ]
+    if info['renamed']:
+        pairs = sorted({(k.split('.')[0] + '.*', v.split('.')[0] + '.*')
+                        for k, v in info['renamed'].items()})
+        lines.append('renamed: ' + ', '.join(f'{a} -> {b}' for a, b in pairs))
+    if info['dropped']:
+        lines.append(f'dropped (classification head, not part of the '
+                     f'backbone): {info["dropped"]}')
+    if skipped:
+        lines.append('skipped (output norm of another kind or not used by '
+                     f'this backbone): {skipped}')
+    for title, keys in (('shape mismatch', mismatch),
+                        ('missing keys', report['missing']),
+                        ('unexpected keys', report['unexpected'])):
+        if keys:
+            lines.append(f'{title}: {keys}')
+    level = logging.WARNING if (mismatch or report['missing']
+                                or report['unexpected']) else logging.INFO
+    print_log('\n'.join(lines), logger=logger, level=level)
+    return report
