@@ -46,9 +46,9 @@ def _flash_ops():
     return fwd, bwd
 
 
-def _use_flash(q: Tensor) -> bool:
+def _use_flash(q: Tensor, v: Tensor) -> bool:
     return (q.device.type == 'cpu' and q.dtype in _FLASH_DTYPES
-            and _flash_ops() is not None)
+            and q.shape[-1] == v.shape[-1] and _flash_ops() is not None)
 
 
 def _chunk_regions(b: int, h: int, r: int, tq: int, kt: int, d: int,
@@ -116,7 +116,7 @@ class BRAFusedAttention(torch.autograd.Function):
         k = k.contiguous()
         v = v.contiguous()
         graph = RegionGraph(topk_index, s, key_mask)
-        flash = _use_flash(q)
+        flash = _use_flash(q, v)
         out = q.new_empty(b, h, r, tq, dv)
         lse = None
         for r0 in range(0, r, chunk):
@@ -153,8 +153,10 @@ class BRAFusedAttention(torch.autograd.Function):
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
         dq = torch.empty_like(q) if need_q else None
         acc = torch.promote_types(q.dtype, torch.float32)
-        dk = torch.zeros(b * h * s, tk, d, dtype=acc, device=q.device)
-        dvv = torch.zeros(b * h * s, tk, dv, dtype=acc, device=q.device)
+        dk = torch.zeros(b * h * s, tk, d, dtype=acc,
+                         device=q.device) if need_k else None
+        dvv = torch.zeros(b * h * s, tk, dv, dtype=acc,
+                          device=q.device) if need_v else None
         for r0 in range(0, r, chunk):
             r1 = min(r, r0 + chunk)
             rc = r1 - r0
