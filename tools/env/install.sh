@@ -92,11 +92,12 @@ fi
 if "$PY" -c "import mmbiformer" 2>/dev/null && "$PY" - <<'PYEOF'
 import sys
 from importlib import metadata
-# every pin of setup.cfg (install_requires + tests extra) must be satisfied
+# every pin of setup.cfg (install_requires and both extras) must hold
 from packaging.requirements import Requirement
 reqs = metadata.requires('mmbiformer') or []
 for r in map(Requirement, reqs):
-    if r.marker and not r.marker.evaluate({'extra': 'tests'}):
+    if r.marker and not any(r.marker.evaluate({'extra': e})
+                            for e in ('', 'openmmlab', 'tests')):
         continue
     try:
         v = metadata.version(r.name)
@@ -109,6 +110,6 @@ then
     say "OpenMMLab stack and mmbiformer already installed"
 else
     say "installing mmengine, mmdet, mmsegmentation, mmpretrain and mmbiformer (editable)"
-    "${PIP[@]}" install -q --no-build-isolation -e ".[tests]"
+    "${PIP[@]}" install -q --no-build-isolation -e ".[openmmlab,tests]"
 fi
 say "done: $("$PY" -c "import torch, mmcv, mmdet, mmseg, mmpretrain, mmengine; print(f'torch {torch.__version__}, mmengine {mmengine.__version__}, mmcv {mmcv.__version__}, mmdet {mmdet.__version__}, mmseg {mmseg.__version__}, mmpretrain {mmpretrain.__version__}')")"
