@@ -1,0 +1,250 @@
+"""Config handling and runner construction for ``tools/train.py`` and
+``tools/test.py``."""
+import copy
+import os
+import os.path as osp
+import warnings
+from typing import Optional, Sequence
+
+import torch
+from mmengine.config import Config, DictAction  # noqa: F401 (re-export)
+
+KNOWN_SCOPES = ('mmpretrain', 'mmdet', 'mmseg')
+
+
+def _say(msg: str) -> None:
+    """Print a tool message once (rank 0 only under a launcher)."""
+    if int(os.environ.get('RANK', '0')) == 0:
+        print(f'[mmbiformer] {msg}', flush=True)
+
+
+def load_config(path: str, cfg_options: Optional[dict] = None) -> Config:
+    """Load ``path`` and merge ``--cfg-options``; check the scope."""
+    cfg = Config.fromfile(path)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    scope = cfg.get('default_scope')
+    if scope not in KNOWN_SCOPES:
+        raise ValueError(
+            f'{path}: default_scope is {scope!r}; the tools run configs of '
+            f'{", ".join(KNOWN_SCOPES)} (inherit one of their bases)')
+    return cfg
+
+
+def setup_work_dir(cfg: Config, work_dir: Optional[str],
+                   config_path: str) -> None:
+    """``--work-dir`` > ``work_dir`` in the config > work_dirs/<config>."""
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs',
+                                osp.splitext(osp.basename(config_path))[0])
+
+
+def setup_resume(cfg: Config, resume: Optional[str]) -> None:
+    """``--resume`` alone: the latest checkpoint of the work dir (if any);
+    ``--resume PATH``: that checkpoint."""
+    if resume is None:
+        return
+    cfg.resume = True
+    if resume == 'auto':
+        # mmengine looks up work_dir/last_checkpoint when load_from is None
+        cfg.load_from = None
+    else:
+        cfg.load_from = resume
+
+
+def _optim_wrapper_type(cfg: Config) -> Optional[str]:
+    ow = cfg.get('optim_wrapper')
+    if ow is None:
+        return None
+    t = ow.get('type', 'OptimWrapper')
+    return t if isinstance(t, str) else getattr(t, '__name__', str(t))
+
+
+def setup_amp(cfg: Config, amp: bool) -> None:
+    """``--amp``: mixed precision with dynamic loss scaling (as in
+    mmdet/mmseg). Without CUDA this is reported and ignored (see
+    :func:`adapt_to_host`)."""
+    if not amp:
+        return
+    if _optim_wrapper_type(cfg) == 'AmpOptimWrapper':
+        _say('--amp: the config already trains with mixed precision')
+        return
+    if not torch.cuda.is_available():
+        # adapt_to_host would turn it back into fp32 anyway
+        _say('--amp ignored: mixed precision needs CUDA, which is not '
+             'available here; training in fp32')
+        return
+    cfg.optim_wrapper.type = 'AmpOptimWrapper'
+    cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+
+
+def _replace_norm(node, old: str, new: str) -> int:
+    """Replace ``type=old`` by ``type=new`` in nested dicts/lists."""
+    count = 0
+    if isinstance(node, dict):
+        if node.get('type') == old:
+            node['type'] = new
+            count += 1
+        for v in node.values():
+            count += _replace_norm(v, old, new)
+    elif isinstance(node, (list, tuple)):
+        for v in node:
+            count += _replace_norm(v, old, new)
+    return count
+
+
+def adapt_to_host(cfg: Config, launcher: str = 'none') -> Config:
+    """Make a GPU recipe run on this machine, saying what changed.
+
+    Without CUDA:
+
+    * ``AmpOptimWrapper`` (mixed precision; mmengine asserts a CUDA device)
+      becomes the fp32 ``OptimWrapper``, dropping the loss scale;
+    * ``SyncBN`` becomes ``BN`` (torch's SyncBatchNorm only synchronises
+      CUDA tensors; a single CPU process is unaffected, BN is what it
+      computes anyway);
+    * under a launcher the process group uses gloo instead of NCCL and the
+      model is wrapped in DistributedDataParallel without device ids.
+    """
+    cfg.launcher = launcher
+    if torch.cuda.is_available():
+        return cfg
+    if _optim_wrapper_type(cfg) == 'AmpOptimWrapper':
+        ow = cfg.optim_wrapper
+        scale = ow.get('loss_scale', 'dynamic')
+        ow.type = 'OptimWrapper'
+        for key in ('loss_scale', 'dtype', 'use_fsdp'):
+            ow.pop(key, None)
+        msg = ('CUDA is not available: the config trains with mixed '
+               f'precision (AmpOptimWrapper, loss_scale={scale}), which needs '
+               'CUDA; training in fp32 with OptimWrapper instead')
+        warnings.warn(msg, stacklevel=2)
+        _say(msg)
+    n = _replace_norm(cfg.get('model'), 'SyncBN', 'BN')
+    if n:
+        _say(f'CUDA is not available: {n} SyncBN norm config(s) replaced by '
+             'BN (SyncBN synchronises CUDA tensors only)')
+    if launcher != 'none':
+        env_cfg = cfg.setdefault('env_cfg', {})
+        dist_cfg = env_cfg.setdefault('dist_cfg', {})
+        if dist_cfg.get('backend', 'nccl') != 'gloo':
+            _say('CUDA is not available: distributed backend gloo (CPU '
+                 'processes) instead of ' + dist_cfg.get('backend', 'nccl'))
+        dist_cfg['backend'] = 'gloo'
+        wrapper = cfg.get('model_wrapper_cfg') or {}
+        wrapper = copy.deepcopy(dict(wrapper))
+        wrapper.setdefault('type', 'MMDistributedDataParallel')
+        wrapper.setdefault('broadcast_buffers', False)
+        wrapper.setdefault('find_unused_parameters',
+                           cfg.get('find_unused_parameters', False))
+        cfg.model_wrapper_cfg = wrapper
+    return cfg
+
+
+def _init_cpu_process_group(cfg: Config) -> None:
+    """mmengine's pytorch launcher selects a CUDA device before creating the
+    process group; without CUDA create the (gloo) group here instead. The
+    runner then finds it initialised and uses it."""
+    import torch.distributed as dist
+    if cfg.launcher != 'pytorch' or torch.cuda.is_available() or \
+            not dist.is_available() or dist.is_initialized():
+        return
+    backend = cfg.get('env_cfg', {}).get('dist_cfg', {}).get(
+        'backend', 'gloo')
+    dist.init_process_group(backend=backend)
+
+
+def build_runner(cfg: Config):
+    """Build the runner the config asks for (``runner_type``) or mmengine's
+    ``Runner``; the registries of the config's toolbox are used through its
+    ``default_scope``."""
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+
+    _init_cpu_process_group(cfg)
+    if 'runner_type' not in cfg:
+        return Runner.from_cfg(cfg)
+    return RUNNERS.build(cfg)
+
+
+# ------------------------------------------------------------------- test
+_VIS_HOOKS = {
+    # hook type -> (switch key, where the painted images go)
+    'DetVisualizationHook': 'draw',
+    'SegVisualizationHook': 'draw',
+    'VisualizationHook': 'enable',  # mmpretrain
+}
+
+
+def enable_visualization(cfg: Config, show_dir: Optional[str],
+                         show: bool = False) -> None:
+    """``--show-dir``/``--show``: paint predictions with the toolbox's
+    visualization hook."""
+    if show_dir is None and not show:
+        return
+    hook = cfg.get('default_hooks', {}).get('visualization')
+    if hook is None:
+        raise ValueError('the config has no default_hooks.visualization; '
+                         '--show-dir/--show need one')
+    switch = _VIS_HOOKS.get(hook['type'])
+    if switch is None:
+        raise ValueError(f'unknown visualization hook {hook["type"]!r}')
+    hook[switch] = True
+    hook['show'] = show
+    if show_dir is None:
+        return
+    scope = cfg.default_scope
+    if scope == 'mmdet':
+        # saved under <work_dir>/<timestamp>/<show_dir>, as mmdet does
+        hook['test_out_dir'] = show_dir
+    elif scope == 'mmseg':
+        cfg.visualizer['save_dir'] = show_dir
+    else:  # mmpretrain
+        hook['out_dir'] = show_dir
+
+
+def add_dump_metric(cfg: Config, out: str) -> None:
+    """``--out``: also dump the raw predictions to a pickle file."""
+    if not out.endswith(('.pkl', '.pickle')):
+        raise ValueError('--out must be a .pkl or .pickle file')
+    dump = dict(type='DumpResults', out_file_path=out)
+    evaluator = cfg.test_evaluator
+    if isinstance(evaluator, (list, tuple)):
+        cfg.test_evaluator = list(evaluator) + [dump]
+    elif 'metrics' in evaluator:
+        metrics = evaluator['metrics']
+        if not isinstance(metrics, (list, tuple)):
+            metrics = [metrics]
+        evaluator['metrics'] = list(metrics) + [dump]
+    else:
+        cfg.test_evaluator = [evaluator, dump]
+
+
+def common_parser_args(parser, test: bool = False) -> None:
+    """The flags mmdet/mmseg users know, shared by train and test."""
+    parser.add_argument('--work-dir', help='directory for logs and '
+                        'checkpoints (default: work_dirs/<config name>)')
+    parser.add_argument(
+        '--cfg-options', nargs='+', action=DictAction,
+        help='override config settings, key=value pairs (dotted keys, list '
+        'indices allowed: train_dataloader.dataset.pipeline.2.scale=(64,64))')
+    parser.add_argument(
+        '--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+        default='none', help='job launcher')
+    # torch.distributed.launch passes --local-rank (older: --local_rank)
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+
+
+def export_local_rank(args) -> None:
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+
+
+def parse_kv(options: Optional[Sequence[str]]) -> dict:
+    """``['a.b=1', ...]`` -> dict, parsed exactly like ``--cfg-options``."""
+    import argparse
+    p = argparse.ArgumentParser()
+    p.add_argument('--o', nargs='+', action=DictAction, default={})
+    return p.parse_args(['--o', *options] if options else []).o
