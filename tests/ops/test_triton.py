@@ -1,0 +1,110 @@
+"""Triton backend: on a GPU when there is one, else under the interpreter.
+
+Without a GPU, ``conftest.py`` sets ``TRITON_INTERPRET=1`` before triton is
+imported. If something imported triton earlier in the session (so its
+kernels were not built for the interpreter), these tests run again in a
+fresh process instead (``test_in_fresh_process``).
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mmbiformer.ops import BiLevelRoutingAttention, bra_attention
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
+pytest.importorskip('triton', reason='triton is not installed')
+
+
+
+def _kernels_interpreted() -> bool:
+    """Whether triton's own library functions were built for the
+    interpreter (decided when triton was first imported)."""
+    import triton.language as tl
+    return type(tl.standard.sum).__name__ == 'InterpretedFunction'
+
+
+IN_PROCESS = DEVICE == 'cuda' or _kernels_interpreted()
+needs_in_process = pytest.mark.skipif(
+    not IN_PROCESS, reason='triton was imported before TRITON_INTERPRET=1 '
+    'could be set; covered by test_in_fresh_process')
+
+
+@pytest.mark.skipif(IN_PROCESS, reason='the tests run in this process')
+def test_in_fresh_process():
+    env = dict(os.environ, TRITON_INTERPRET='1')
+    proc = subprocess.run(
+        [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
+         __file__], env=env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+# (batch, heads, regions, tokens per region, topk, d, dv, masked)
+CASES = [
+    (1, 2, 4, 3, 2, 8, 8, True),     # 1x3 regions, masked keys
+    (2, 1, 4, 20, 4, 16, 16, False),  # 4x5 regions: several key tiles
+    (1, 1, 1, 70, 1, 32, 16, False),  # several query blocks, dv != d
+    (1, 3, 9, 1, 9, 4, 4, True),      # 1x1 regions, topk = all
+]
+
+
+def make(case, dtype=torch.float32, seed=0):
+    b, h, r, t, topk, d, dv, masked = case
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, r, t, d, generator=g)
+    k = torch.randn(b, h, r, t, d, generator=g)
+    v = torch.randn(b, h, r, t, dv, generator=g)
+    idx = torch.rand(b, r, r, generator=g).topk(topk, dim=-1).indices
+    km = None
+    if masked:
+        km = torch.rand(b, r, t, generator=g) > 0.3
+        km[..., 0] = True
+        km = km.to(DEVICE)
+    return ([x.to(DEVICE, dtype) for x in (q, k, v)], idx.to(DEVICE), km)
+
+
+def fwd_bwd(backend, qkv, idx, km, grad=None):
+    q, k, v = (x.detach().clone().requires_grad_() for x in qkv)
+    out = bra_attention(q, k, v, idx, scale=0.4, backend=backend,
+                        key_mask=km)
+    if grad is None:
+        grad = torch.randn_like(out)
+    out.backward(grad)
+    return [out, q.grad, k.grad, v.grad], grad
+
+
+@needs_in_process
+@pytest.mark.parametrize('case', CASES)
+def test_triton_matches_reference_fp32(case):
+    qkv, idx, km = make(case)
+    ref, grad = fwd_bwd('reference', qkv, idx, km)
+    got, _ = fwd_bwd('triton', qkv, idx, km, grad)
+    for a, e in zip(got, ref):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
+
+
+@needs_in_process
+@pytest.mark.parametrize('dtype,atol', [(torch.float16, 5e-3)])
+def test_triton_half(dtype, atol):
+    qkv, idx, km = make(CASES[1], dtype)
+    ref, grad = fwd_bwd('reference', [x.double() for x in qkv], idx, km)
+    got, _ = fwd_bwd('triton', qkv, idx, km, grad.to(dtype))
+    for a, e in zip(got, ref):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), e, atol=atol, rtol=2e-2)
+
+
+@needs_in_process
+def test_triton_module_backend():
+    torch.manual_seed(0)
+    m = BiLevelRoutingAttention(16, num_heads=2, n_win=2, topk=2,
+                                auto_pad=True, pad_mode='masked').to(DEVICE)
+    x = torch.randn(1, 5, 3, 16, device=DEVICE)
+    m.backend = 'reference'
+    ref = m(x)
+    m.backend = 'triton'
+    torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-4)
