@@ -46,8 +46,14 @@ def _flash_ops():
     return fwd, bwd
 
 
+#: Regions with fewer query tokens use the matmul path: torch's CPU
+#: flash kernel is slower than two matmuls for such short query blocks.
+FLASH_MIN_QUERY_TOKENS = 8
+
+
 def _use_flash(q: Tensor, v: Tensor) -> bool:
     return (q.device.type == 'cpu' and q.dtype in _FLASH_DTYPES
+            and q.shape[-2] >= FLASH_MIN_QUERY_TOKENS
             and q.shape[-1] == v.shape[-1] and _flash_ops() is not None)
 
 
@@ -68,16 +74,25 @@ def _mask_bias(mask: Optional[Tensor], h: int, dtype: torch.dtype
     return bias.expand(b, h, rc, kt).reshape(b, h * rc, 1, kt)
 
 
+def _logits(q: Tensor, k: Tensor, bias: Optional[Tensor], scale: float,
+            ct: torch.dtype) -> Tensor:
+    logits = torch.matmul(q.to(ct), k.to(ct).transpose(-2, -1))
+    logits.mul_(scale)
+    if bias is not None:
+        logits.add_(bias.to(ct))
+    return logits
+
+
 def _math_forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
                   scale: float) -> Tuple[Tensor, Tensor]:
     """q (B, G, Tq, d), k (B, G, Kt, d) -> out, lse (B, G, Tq) float32+."""
     ct = torch.promote_types(q.dtype, torch.float32)
-    logits = torch.matmul(q.to(ct), k.to(ct).transpose(-2, -1)) * scale
-    if bias is not None:
-        logits = logits + bias.to(ct)
-    lse = torch.logsumexp(logits, dim=-1)
-    p = torch.exp(logits - lse.unsqueeze(-1))
-    out = torch.matmul(p, v.to(ct))
+    p = _logits(q, k, bias, scale, ct)
+    m = p.amax(dim=-1, keepdim=True)
+    p.sub_(m).exp_()
+    denom = p.sum(dim=-1, keepdim=True)
+    out = torch.matmul(p, v.to(ct)).div_(denom)
+    lse = (m + denom.log()).squeeze(-1)
     return out.to(q.dtype), lse
 
 
@@ -85,15 +100,13 @@ def _math_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                    lse: Tensor, bias: Optional[Tensor], scale: float
                    ) -> Tuple[Tensor, Tensor, Tensor]:
     ct = torch.promote_types(q.dtype, torch.float32)
-    q32, k32, v32, do32 = q.to(ct), k.to(ct), v.to(ct), do.to(ct)
-    logits = torch.matmul(q32, k32.transpose(-2, -1)) * scale
-    if bias is not None:
-        logits = logits + bias.to(ct)
-    p = torch.exp(logits - lse.to(ct).unsqueeze(-1))
+    q32, k32, do32 = q.to(ct), k.to(ct), do.to(ct)
+    p = _logits(q32, k32, bias, scale, ct)
+    p.sub_(lse.to(ct).unsqueeze(-1)).exp_()
     dv = torch.matmul(p.transpose(-2, -1), do32)
-    dp = torch.matmul(do32, v32.transpose(-2, -1))
+    ds = torch.matmul(do32, v.to(ct).transpose(-2, -1))
     delta = (do32 * out.to(ct)).sum(-1, keepdim=True)
-    ds = p * (dp - delta) * scale
+    ds.sub_(delta).mul_(p).mul_(scale)
     dq = torch.matmul(ds, k32)
     dk = torch.matmul(ds.transpose(-2, -1), q32)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
