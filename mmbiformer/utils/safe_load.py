@@ -7,7 +7,13 @@ its runner writes hold a few non-tensor objects, so ``--resume`` fails:
 
 * the message hub stores :class:`mmengine.logging.HistoryBuffer` objects
   whose state is two numpy arrays (logged values and counts);
-* runtime information may hold numpy scalars (for example a logged loss).
+* runtime information may hold numpy scalars (for example a logged loss);
+* mmengine's ``HistoryBuffer.__getstate__`` also stores the class-wide table
+  of statistics methods, which pickles as ``getattr(HistoryBuffer, 'mean')``
+  and would need ``builtins.getattr`` on the allow-list: a door to arbitrary
+  code. The table is rebuilt from the class on loading anyway, so
+  :func:`enable_safe_checkpoint_loading` makes history buffers pickle without
+  it, and checkpoints then need no callable at all.
 
 :func:`enable_safe_checkpoint_loading` adds exactly these types to torch's
 allow-list. ``weights_only`` stays on, so a checkpoint that carries any other
@@ -18,6 +24,7 @@ offending global.
 from __future__ import annotations
 
 import pickle
+import re
 from typing import Any, List, Tuple, Union
 
 import numpy as np
@@ -86,13 +93,38 @@ def _load_local_checkpoint(filename: str, map_location=None):
         return torch.load(filename, map_location=map_location,
                           weights_only=True)
     except pickle.UnpicklingError as err:
+        item = _refused_item(str(err))
+        hint = ('If you trust the file, load it yourself and keep only its '
+                'tensors.')
+        if 'getattr' in item:
+            hint = ('mmengine writes such references into history buffers '
+                    'when mmbiformer is not imported: resave the checkpoint '
+                    'from a process that imports mmbiformer, or keep only its '
+                    '`state_dict`.')
         raise UnsafeCheckpointError(
-            f'Refused to load checkpoint {filename!r}: it contains a pickled '
-            'object that is not on the allow-list of safe types (tensors, '
+            f'Refused to load checkpoint {filename!r}: it holds {item}, '
+            'which is not on the allow-list of safe types (tensors, '
             'containers, numpy arrays and mmengine history buffers). '
-            f'torch said: {err}. If you created this file yourself and trust '
-            'it, convert it to a plain state dict; mmbiformer never turns '
-            '`weights_only` off.') from err
+            f'{hint} mmbiformer keeps `weights_only=True`.') from err
+
+
+def _refused_item(message: str) -> str:
+    """Name what torch's weights-only unpickler refused, from its error."""
+    found = re.search(r'Unsupported global: GLOBAL ([\w.]+)', message)
+    if found:
+        return f'a pickled reference to `{found.group(1)}`'
+    found = re.search(r'WeightsUnpickler error:\s*(.+)', message)
+    if found:
+        return f'pickle data it cannot read safely ({found.group(1).strip()})'
+    return 'pickle data it cannot read safely'
+
+
+def _history_buffer_getstate(self) -> dict:
+    """State of a ``HistoryBuffer`` without the class-wide method table."""
+    state = dict(self.__dict__)
+    state.pop('statistics_methods', None)
+    state.pop('_statistics_methods', None)
+    return state
 
 
 def enable_safe_checkpoint_loading() -> None:
@@ -106,6 +138,10 @@ def enable_safe_checkpoint_loading() -> None:
     if _ENABLED:
         return
     torch.serialization.add_safe_globals(checkpoint_safe_globals())
+    from mmengine.logging.history_buffer import HistoryBuffer
+    # mmengine's __setstate__ already restores the default methods when the
+    # table is absent, so only the writing side changes.
+    HistoryBuffer.__getstate__ = _history_buffer_getstate
     from mmengine.runner.checkpoint import CheckpointLoader
     CheckpointLoader.register_scheme(
         prefixes='', loader=_load_local_checkpoint, force=True)
