@@ -1,0 +1,265 @@
+"""Model-level throughput and memory of configs, side by side.
+
+One measurement = one config (plus optional ``key=value`` overrides) in one
+mode (``infer`` or ``train``) at one batch size and image size. Each runs in
+a fresh process (see ``tools/analysis/benchmark.py``) so that peak memory is
+that config's alone.
+
+* ``infer``: ``model(inputs, mode='tensor')`` under ``torch.no_grad()`` in
+  ``eval()`` mode: the network's forward pass.
+* ``train``: one optimiser step. Classifiers run their real
+  ``train_step`` (data preprocessor, loss with random labels, backward,
+  AdamW step). Detectors and segmentors run forward in ``mode='tensor'``
+  and back-propagate the sum of their outputs' means: the network's cost
+  without target assignment, which depends on the annotations.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (weights,
+optimiser state and activations); on the CPU the same quantity read from the
+kernel: the resident-set high-water mark during the timed iterations
+(``VmHWM``, reset after the warm-up) minus the resident set before the model
+was built (so the interpreter and libraries do not count).
+"""
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional
+
+import torch
+
+__all__ = [
+    'BenchmarkResult', 'parse_target', 'resolve_config_path', 'run_benchmark'
+]
+
+
+@dataclass
+class BenchmarkResult:
+    config: str
+    mode: str
+    batch: int
+    img_size: int
+    img_per_s: float
+    ms_per_iter: float
+    peak_mem_mb: float
+    device: str
+    threads: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_target(target: str):
+    """Split ``CONFIG[@key=value,key=value]`` into path and overrides.
+
+    Values are parsed as Python literals where possible
+    (``model.backbone.attn_backend=official``, ``model.backbone.n_win=8``).
+    """
+    import ast
+    path, _, rest = target.partition('@')
+    overrides: Dict[str, object] = {}
+    for item in filter(None, rest.split(',')):
+        key, sep, value = item.partition('=')
+        if not sep:
+            raise ValueError(
+                f'override {item!r} in {target!r} is not key=value; write '
+                'CONFIG@model.backbone.attn_backend=official')
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key] = value
+    return path, overrides
+
+
+def resolve_config_path(path: str) -> str:
+    """Map ``mmpretrain::x/y.py`` (and mmdet::, mmseg::) to the file the
+    toolbox's wheel ships; other paths are returned unchanged."""
+    if '::' not in path:
+        return path
+    import importlib
+    import os.path as osp
+    package, _, rel = path.partition('::')
+    root = osp.dirname(importlib.import_module(package).__file__)
+    full = osp.join(root, '.mim', 'configs', rel)
+    if not osp.isfile(full):
+        raise FileNotFoundError(
+            f'{path}: {package} ships no config {rel!r} (looked in '
+            f'{osp.join(root, ".mim", "configs")})')
+    return full
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    import platform
+    return f'cpu ({platform.processor() or platform.machine()})'
+
+
+def _proc_status_mb(field: str) -> Optional[float]:
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith(field + ':'):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def _rss_mb() -> float:
+    rss = _proc_status_mb('VmRSS')
+    if rss is None:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return rss
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's resident-set high-water mark (Linux)."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float:
+    peak = _proc_status_mb('VmHWM')
+    if peak is None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return peak
+
+
+def _build(path: str, overrides: dict):
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+
+    import mmbiformer  # noqa: F401  (registers BiFormer)
+    cfg = Config.fromfile(resolve_config_path(path))
+    if overrides:
+        cfg.merge_from_dict(overrides)
+    scope = cfg.get('default_scope', 'mmpretrain')
+    init_default_scope(scope)
+    model_cfg = cfg.model
+    # as mmengine's Runner does: the top-level preprocessor is the model's
+    if cfg.get('data_preprocessor') is not None:
+        model_cfg.setdefault('data_preprocessor', cfg.data_preprocessor)
+    # A benchmark measures the network, not a checkpoint on disk.
+    model_cfg.get('backbone', {}).pop('init_cfg', None)
+    if scope == 'mmpretrain':
+        from mmpretrain.registry import MODELS
+    elif scope == 'mmdet':
+        from mmdet.registry import MODELS
+    elif scope == 'mmseg':
+        from mmseg.registry import MODELS
+    else:
+        raise ValueError(f'{path}: unknown default_scope {scope!r}')
+    return scope, MODELS.build(model_cfg)
+
+
+def _synthetic_batch(scope: str, batch: int, size: int, num_classes: int):
+    inputs = [
+        torch.randint(0, 256, (3, size, size), dtype=torch.uint8)
+        for _ in range(batch)
+    ]
+    if scope == 'mmpretrain':
+        from mmpretrain.structures import DataSample
+        samples = [
+            DataSample().set_gt_label(int(torch.randint(num_classes, ())))
+            for _ in range(batch)
+        ]
+        return dict(inputs=inputs, data_samples=samples)
+    return dict(inputs=inputs)
+
+
+def run_benchmark(target: str,
+                  mode: str = 'train',
+                  batch: int = 8,
+                  img_size: int = 224,
+                  warmup: int = 2,
+                  repeats: int = 5,
+                  device: Optional[str] = None) -> BenchmarkResult:
+    """Measure one config in one mode; see the module docstring."""
+    if mode not in ('infer', 'train'):
+        raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
+    dev = torch.device(device or ('cuda' if torch.cuda.is_available()
+                                  else 'cpu'))
+    path, overrides = parse_target(target)
+    import mmbiformer  # noqa: F401  (imports torch and the toolboxes first)
+    base_rss = _rss_mb()
+    scope, model = _build(path, overrides)
+    model = model.to(dev)
+    num_classes = 1000
+    head = getattr(model, 'head', None)
+    if head is not None and hasattr(head, 'num_classes'):
+        num_classes = head.num_classes
+    data = _synthetic_batch(scope, batch, img_size, num_classes)
+
+    if mode == 'infer':
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                prepared = model.data_preprocessor(data, False)
+                model(prepared['inputs'], mode='tensor')
+    else:
+        model.train()
+        from mmengine.optim import OptimWrapper
+        optim = OptimWrapper(torch.optim.AdamW(model.parameters(), lr=1e-4))
+
+        if scope == 'mmpretrain':
+
+            def step():
+                model.train_step(data, optim)
+        else:
+
+            def step():
+                prepared = model.data_preprocessor(data, True)
+                outs = model(prepared['inputs'], mode='tensor')
+                flat = []
+
+                def collect(x):
+                    if isinstance(x, torch.Tensor):
+                        flat.append(x.float().mean())
+                    elif isinstance(x, (list, tuple)):
+                        for y in x:
+                            collect(y)
+                    elif isinstance(x, dict):
+                        for y in x.values():
+                            collect(y)
+
+                collect(outs)
+                optim.update_params(torch.stack(flat).sum())
+
+    def sync():
+        if dev.type == 'cuda':
+            torch.cuda.synchronize(dev)
+
+    for _ in range(warmup):
+        step()
+    sync()
+    if dev.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(dev)
+    _reset_peak_rss()
+    times: List[float] = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    if dev.type == 'cuda':
+        peak = torch.cuda.max_memory_allocated(dev) / 2**20
+    else:
+        peak = _peak_rss_mb() - base_rss
+    med = statistics.median(times)
+    return BenchmarkResult(
+        config=target,
+        mode=mode,
+        batch=batch,
+        img_size=img_size,
+        img_per_s=batch / med,
+        ms_per_iter=med * 1e3,
+        peak_mem_mb=peak,
+        device=_device_name(dev),
+        threads=torch.get_num_threads())

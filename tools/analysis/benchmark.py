@@ -1,0 +1,114 @@
+"""Throughput (images/s) and peak memory of whole models, side by side.
+
+Each config and mode runs in a fresh process, so peak memory is its own.
+A config may carry overrides after ``@``, e.g.
+``configs/classification/biformer_s_in1k.py@model.backbone.attn_backend=official``.
+
+Example (the comparison in docs/benchmarks.md)::
+
+    S=configs/classification/biformer_s_in1k.py
+    python tools/analysis/benchmark.py \\
+        mmpretrain::swin_transformer/swin-tiny_16xb64_in1k.py \\
+        $S $S@model.backbone.attn_backend=official \\
+        --threads 2 --infer-batch 16 --train-batch 8
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('configs', nargs='+',
+                   help='config files (or mmpretrain::/mmdet::/mmseg:: '
+                   'names), each optionally followed by @key=value,...')
+    p.add_argument('--modes', nargs='+', default=['infer', 'train'],
+                   choices=['infer', 'train'])
+    p.add_argument('--infer-batch', type=int, default=16)
+    p.add_argument('--train-batch', type=int, default=8)
+    p.add_argument('--img-size', type=int, default=224)
+    p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--repeats', type=int, default=5,
+                   help='timed iterations; the median is reported')
+    p.add_argument('--threads', type=int, default=None,
+                   help='torch CPU threads (default: torch decides)')
+    p.add_argument('--device', default=None, help='cpu or cuda[:N]')
+    p.add_argument('--json', action='store_true',
+                   help='print one JSON object per measurement')
+    p.add_argument('--timeout', type=float, default=1800,
+                   help='seconds allowed for one measurement')
+    p.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def worker(args):
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from mmbiformer.analysis.benchmark import run_benchmark
+    mode = args.modes[0]
+    batch = args.infer_batch if mode == 'infer' else args.train_batch
+    res = run_benchmark(args.configs[0], mode=mode, batch=batch,
+                        img_size=args.img_size, warmup=args.warmup,
+                        repeats=args.repeats, device=args.device)
+    print('@@RESULT ' + json.dumps(res.as_dict()), flush=True)
+
+
+def measure(args, config, mode):
+    cmd = [sys.executable, os.path.abspath(__file__), config, '--worker',
+           '--modes', mode, '--infer-batch', str(args.infer_batch),
+           '--train-batch', str(args.train_batch), '--img-size',
+           str(args.img_size), '--warmup', str(args.warmup), '--repeats',
+           str(args.repeats)]
+    if args.threads:
+        cmd += ['--threads', str(args.threads)]
+    if args.device:
+        cmd += ['--device', args.device]
+    env = dict(os.environ)
+    if args.threads:
+        env.setdefault('OMP_NUM_THREADS', str(args.threads))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                          timeout=args.timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith('@@RESULT '):
+            return json.loads(line[len('@@RESULT '):])
+    tail = '\n'.join((proc.stdout + proc.stderr).splitlines()[-15:])
+    raise RuntimeError(f'benchmark of {config} ({mode}) failed:\n{tail}')
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args)
+    results = []
+    for mode in args.modes:
+        anchor = None
+        for config in args.configs:
+            res = measure(args, config, mode)
+            anchor = anchor or res['img_per_s']
+            res['rel_to_first'] = res['img_per_s'] / anchor
+            results.append(res)
+            if args.json:
+                print(json.dumps(res), flush=True)
+            else:
+                print(f"[{mode}] {config}: {res['img_per_s']:.2f} img/s, "
+                      f"peak {res['peak_mem_mb']:.0f} MB", file=sys.stderr,
+                      flush=True)
+    if not args.json:
+        print(f"\ndevice: {results[0]['device']}, threads: "
+              f"{results[0]['threads']}, image {args.img_size}x"
+              f'{args.img_size}, median of {args.repeats} after '
+              f'{args.warmup} warm-up iterations\n')
+        print('| config | mode | batch | img/s | x first | ms/iter | '
+              'peak MB |')
+        print('| --- | --- | ---: | ---: | ---: | ---: | ---: |')
+        for r in results:
+            print(f"| {r['config']} | {r['mode']} | {r['batch']} | "
+                  f"{r['img_per_s']:.2f} | {r['rel_to_first']:.2f} | "
+                  f"{r['ms_per_iter']:.0f} | {r['peak_mem_mb']:.0f} |")
+
+
+if __name__ == '__main__':
+    main()
