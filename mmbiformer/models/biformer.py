@@ -14,7 +14,6 @@ import torch.nn as nn
 import torch.utils.checkpoint as cp
 from mmcv.cnn import build_norm_layer
 from mmengine.model import BaseModule
-from mmengine.model.weight_init import trunc_normal_
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..ops import BiLevelRoutingAttention
@@ -314,24 +313,23 @@ class BiFormer(BaseModule):
             m.backend = backend
 
     # ------------------------------------------------------ initialisation
-    @staticmethod
-    def _official_init(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.constant_(m.weight, 1.0)
-            nn.init.constant_(m.bias, 0)
+    #: the official ``_init_weights``: trunc_normal(std .02, cut at +-2)
+    #: Linear weights, zero biases; LayerNorm weight 1, bias 0
+    official_init_cfg = [
+        dict(type='TruncNormal', layer='Linear', std=.02, bias=0.),
+        dict(type='Constant', layer='LayerNorm', val=1., bias=0.),
+    ]
 
     def init_weights(self) -> None:
-        """Initialise as the official model, or load a checkpoint.
+        """Initialise as the official model, then load a checkpoint if any.
 
+        The official initialisation runs first, followed by the
+        non-``Pretrained`` entries of ``init_cfg`` (which may override it).
         With ``init_cfg=dict(type='Pretrained', checkpoint=..., prefix=...)``
-        the checkpoint format is detected and its keys are mapped in memory
-        (:func:`mmbiformer.models.checkpoint.load_biformer_checkpoint`); the
-        load is non-strict and a report of mapped, missing and unexpected
-        keys is logged.
+        the checkpoint format is then detected and its keys are mapped in
+        memory (:func:`mmbiformer.models.checkpoint.load_biformer_checkpoint`
+        ); the load is non-strict and a report of renamed, dropped, missing
+        and unexpected keys is logged.
         """
         from .checkpoint import load_biformer_checkpoint
 
@@ -346,9 +344,8 @@ class BiFormer(BaseModule):
             raise ValueError('BiFormer accepts one Pretrained init_cfg, got '
                              f'{len(pretrained)}')
 
-        self.apply(self._official_init)
         original = self.init_cfg
-        self.init_cfg = others or None
+        self.init_cfg = copy.deepcopy(self.official_init_cfg) + others
         try:
             super().init_weights()
         finally:

@@ -11,6 +11,9 @@ Examples::
 FLOPs are counted with ``mmengine.analysis.FlopAnalyzer`` (one multiply-add
 is one FLOP, as fvcore and the BiFormer paper); the routing attention's
 fused ops are counted too, so every ``--backend`` reports the same number.
+BatchNorm is counted as in the published numbers (see
+:mod:`mmbiformer.models.complexity`; ``--bn-count eval`` for fvcore's
+inference count).
 """
 import argparse
 from typing import Dict, List, Optional, Sequence
@@ -42,6 +45,12 @@ def parse_args() -> argparse.Namespace:
         '--backend',
         default='official',
         help="attention backend ('official', 'gather', 'fused', ...)")
+    parser.add_argument(
+        '--bn-count',
+        choices=['official', 'eval'],
+        default='official',
+        help="BatchNorm counted as fvcore does in training mode, like the "
+        "published BiFormer numbers ('official'), or in eval mode")
     parser.add_argument(
         '--cfg-options',
         nargs='+',
@@ -91,12 +100,12 @@ def stage_flops(by_module: Dict[str, int], prefix: str,
 
 
 def report(name: str, model: nn.Module, shape: Sequence[int],
-           backend: Optional[str]) -> None:
+           backend: Optional[str], bn_count: str) -> None:
     backbone = model.backbone if hasattr(model, 'backbone') else model
     if backend is not None and isinstance(backbone, BiFormer):
         backbone.attn_backend = backend
     inputs = torch.randn(1, 3, *shape)
-    total, by_module = flop_analysis(model, inputs)
+    total, by_module = flop_analysis(model, inputs, bn_count)
     params = count_params(model)
     print(f'{name}: input 3x{shape[0]}x{shape[1]}, params {params:,} '
           f'({params / 1e6:.2f} M), FLOPs {total:,} ({total / 1e9:.2f} G)')
@@ -121,13 +130,13 @@ def main() -> None:
     torch.manual_seed(0)
     if args.config:
         model = build_from_config(args.config, args.cfg_options)
-        report(args.config, model, shape, args.backend)
+        report(args.config, model, shape, args.backend, args.bn_count)
         return
     from mmpretrain.registry import MODELS
     for arch in args.arch:
         model = MODELS.build(
             classifier_cfg(arch, args.num_classes, args.n_win, args.backend))
-        report(f'biformer_{arch}', model, shape, None)
+        report(f'biformer_{arch}', model, shape, None, args.bn_count)
 
 
 if __name__ == '__main__':
