@@ -108,7 +108,8 @@ def report(name: str, model: nn.Module, shape: Sequence[int],
     total, by_module = flop_analysis(model, inputs, bn_count)
     params = count_params(model)
     print(f'{name}: input 3x{shape[0]}x{shape[1]}, params {params:,} '
-          f'({params / 1e6:.2f} M), FLOPs {total:,} ({total / 1e9:.2f} G)')
+          f'({params / 1e6:.2f} M), FLOPs {total:,} ({total / 1e9:.2f} G; '
+          f'BatchNorm counted {bn_count!r})')
     if isinstance(backbone, BiFormer):
         prefix = 'backbone.' if backbone is not model else ''
         per_stage = stage_flops(by_module, prefix, backbone.num_stages)
