@@ -24,7 +24,6 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .functional import gather_blocks, gather_key_mask
 from .routing import RegionGraph
 
 __all__ = ['BRAFusedAttention', 'fused_attention', 'CHUNK_ELEMS']
@@ -57,21 +56,11 @@ def _use_flash(q: Tensor, v: Tensor) -> bool:
             and q.shape[-1] == v.shape[-1] and _flash_ops() is not None)
 
 
-def _chunk_regions(b: int, h: int, r: int, tq: int, kt: int, d: int,
-                   dv: int, chunk_elems: int) -> int:
-    per_region = b * h * (kt * (d + dv) + tq * kt + tq * (d + dv))
-    return max(1, min(r, chunk_elems // max(per_region, 1)))
-
-
-def _mask_bias(mask: Optional[Tensor], h: int, dtype: torch.dtype
-               ) -> Optional[Tensor]:
-    """(B, Rc, K*Tk) bool -> additive (B, h*Rc, 1, K*Tk) mask."""
-    if mask is None:
-        return None
-    b, rc, kt = mask.shape
-    bias = torch.zeros(b, 1, rc, kt, dtype=dtype, device=mask.device)
-    bias.masked_fill_(~mask.unsqueeze(1), float('-inf'))
-    return bias.expand(b, h, rc, kt).reshape(b, h * rc, 1, kt)
+def _chunk_groups(g: int, tq: int, kt: int, d: int, dv: int,
+                  chunk_elems: int) -> int:
+    """(batch, head, region) groups per chunk within ``chunk_elems``."""
+    per_group = kt * (d + dv) + tq * kt + tq * (d + dv)
+    return max(1, min(g, chunk_elems // max(per_group, 1)))
 
 
 def _logits(q: Tensor, k: Tensor, bias: Optional[Tensor], scale: float,
@@ -112,92 +101,121 @@ def _math_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def _group_index(topk_index: Tensor, heads: int, s: int, tk: int,
+                 key_mask: Optional[Tensor]
+                 ) -> Tuple[Tensor, Optional[Tensor]]:
+    """Per (batch, head, query region) group: routed rows of the flattened
+    ``(B*h*S, Tk, .)`` K/V, ``(G, K)``, and of the ``(B*S, Tk)`` key mask."""
+    b, r, topk = topk_index.shape
+    dev = topk_index.device
+    bh = torch.arange(b * heads, device=dev).view(b, heads, 1, 1)
+    kv_rows = (bh * s + topk_index.view(b, 1, r, topk)).reshape(-1, topk)
+    mask_rows = None
+    if key_mask is not None:
+        bb = torch.arange(b, device=dev).view(b, 1, 1, 1)
+        mask_rows = (bb * s + topk_index.view(b, 1, r, topk)).expand(
+            b, heads, r, topk).reshape(-1, topk)
+    return kv_rows, mask_rows
+
+
+def _chunk_inputs(k2: Tensor, v2: Tensor, km2: Optional[Tensor],
+                  kv_rows: Tensor, mask_rows: Optional[Tensor], g0: int,
+                  g1: int, dtype: torch.dtype):
+    """Routed K/V (1, Gc, K*Tk, .) and additive mask of groups g0:g1."""
+    gc = g1 - g0
+    rows = kv_rows[g0:g1].reshape(-1)
+    k_sel = k2.index_select(0, rows).view(1, gc, -1, k2.shape[-1])
+    v_sel = v2.index_select(0, rows).view(1, gc, -1, v2.shape[-1])
+    bias = None
+    if km2 is not None:
+        valid = km2.index_select(0, mask_rows[g0:g1].reshape(-1))
+        bias = torch.zeros(1, gc, 1, valid.numel() // gc, dtype=dtype,
+                           device=k2.device)
+        bias.masked_fill_(~valid.view(1, gc, 1, -1), float('-inf'))
+    return rows, k_sel, v_sel, bias
+
+
 class BRAFusedAttention(torch.autograd.Function):
     """Chunked BRA attention; see the module docstring.
 
-    ``apply(q, k, v, topk_index, key_mask, scale, chunk_regions)`` with the
-    layouts of :func:`mmbiformer.ops.bra_attention`.
+    ``apply(q, k, v, topk_index, key_mask, scale, chunk)`` with the layouts
+    of :func:`mmbiformer.ops.bra_attention`; ``chunk`` is the number of
+    (batch, head, query region) groups processed at once.
     """
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, topk_index: Tensor,
                 key_mask: Optional[Tensor], scale: float,
                 chunk: int) -> Tensor:
-        b, h, r, tq, _ = q.shape
-        s = k.shape[2]
-        dv = v.shape[-1]
-        k = k.contiguous()
-        v = v.contiguous()
-        graph = RegionGraph(topk_index, s, key_mask)
+        b, h, r, tq, d = q.shape
+        s, tk, dv = k.shape[2], k.shape[3], v.shape[-1]
+        g = b * h * r
+        q = q.contiguous()
+        k2 = k.contiguous().view(b * h * s, tk, d)
+        v2 = v.contiguous().view(b * h * s, tk, dv)
+        km2 = key_mask.reshape(b * s, tk) if key_mask is not None else None
+        kv_rows, mask_rows = _group_index(topk_index, h, s, tk, key_mask)
         flash = _use_flash(q, v)
-        out = q.new_empty(b, h, r, tq, dv)
+        q3 = q.view(1, g, tq, d)
+        out = q.new_empty(1, g, tq, dv)
         lse = None
-        for r0 in range(0, r, chunk):
-            r1 = min(r, r0 + chunk)
-            rc = r1 - r0
-            flat = graph.flat_index(h, r0, r1)
-            k_sel = gather_blocks(k, flat).view(b, h * rc, -1, k.shape[-1])
-            v_sel = gather_blocks(v, flat).view(b, h * rc, -1, dv)
-            q_c = q[:, :, r0:r1].reshape(b, h * rc, tq, -1)
-            bias = _mask_bias(gather_key_mask(graph, r0, r1), h, q.dtype)
+        for g0 in range(0, g, chunk):
+            g1 = min(g, g0 + chunk)
+            _, k_sel, v_sel, bias = _chunk_inputs(k2, v2, km2, kv_rows,
+                                                  mask_rows, g0, g1, q.dtype)
             if flash:
-                o_c, l_c = _flash_ops()[0](q_c, k_sel, v_sel, 0.0, False,
-                                           attn_mask=bias, scale=scale)
+                o_c, l_c = _flash_ops()[0](q3[:, g0:g1], k_sel, v_sel, 0.0,
+                                           False, attn_mask=bias,
+                                           scale=scale)
             else:
-                o_c, l_c = _math_forward(q_c, k_sel, v_sel, bias, scale)
+                o_c, l_c = _math_forward(q3[:, g0:g1], k_sel, v_sel, bias,
+                                         scale)
             if lse is None:
-                lse = l_c.new_empty(b, h, r, tq)
-            out[:, :, r0:r1] = o_c.view(b, h, rc, tq, dv)
-            lse[:, :, r0:r1] = l_c.view(b, h, rc, tq)
-        ctx.save_for_backward(q, k, v, topk_index, key_mask, out, lse)
-        ctx.scale = scale
-        ctx.chunk = chunk
-        ctx.flash = flash
-        return out
+                lse = l_c.new_empty(1, g, tq)
+            out[:, g0:g1] = o_c
+            lse[:, g0:g1] = l_c
+        ctx.save_for_backward(q, k2, v2, km2, kv_rows, mask_rows, out, lse)
+        ctx.meta = (scale, chunk, flash, b, h, r, s)
+        return out.view(b, h, r, tq, dv)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        q, k, v, topk_index, key_mask, out, lse = ctx.saved_tensors
-        scale, chunk, flash = ctx.scale, ctx.chunk, ctx.flash
-        b, h, r, tq, d = q.shape
-        s, tk, dv = k.shape[2], k.shape[3], v.shape[-1]
-        graph = RegionGraph(topk_index, s, key_mask)
-        grad_out = grad_out.contiguous()
+        q, k2, v2, km2, kv_rows, mask_rows, out, lse = ctx.saved_tensors
+        scale, chunk, flash, b, h, r, s = ctx.meta
+        _, _, _, tq, d = q.shape
+        tk, dv = k2.shape[1], v2.shape[-1]
+        g = b * h * r
+        do3 = grad_out.contiguous().view(1, g, tq, dv)
+        q3 = q.view(1, g, tq, d)
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
-        dq = torch.empty_like(q) if need_q else None
         acc = torch.promote_types(q.dtype, torch.float32)
-        dk = torch.zeros(b * h * s, tk, d, dtype=acc,
+        dq = torch.empty_like(q3) if need_q else None
+        dk = torch.zeros(k2.shape, dtype=acc,
                          device=q.device) if need_k else None
-        dvv = torch.zeros(b * h * s, tk, dv, dtype=acc,
+        dvv = torch.zeros(v2.shape, dtype=acc,
                           device=q.device) if need_v else None
-        for r0 in range(0, r, chunk):
-            r1 = min(r, r0 + chunk)
-            rc = r1 - r0
-            flat = graph.flat_index(h, r0, r1)
-            k_sel = gather_blocks(k, flat).view(b, h * rc, -1, d)
-            v_sel = gather_blocks(v, flat).view(b, h * rc, -1, dv)
-            q_c = q[:, :, r0:r1].reshape(b, h * rc, tq, d)
-            o_c = out[:, :, r0:r1].reshape(b, h * rc, tq, dv)
-            do_c = grad_out[:, :, r0:r1].reshape(b, h * rc, tq, dv)
-            l_c = lse[:, :, r0:r1].reshape(b, h * rc, tq)
-            bias = _mask_bias(gather_key_mask(graph, r0, r1), h, q.dtype)
+        for g0 in range(0, g, chunk):
+            g1 = min(g, g0 + chunk)
+            rows, k_sel, v_sel, bias = _chunk_inputs(
+                k2, v2, km2, kv_rows, mask_rows, g0, g1, q.dtype)
+            args = (do3[:, g0:g1], q3[:, g0:g1], k_sel, v_sel,
+                    out[:, g0:g1], lse[:, g0:g1])
             if flash:
                 dq_c, dk_c, dv_c = _flash_ops()[1](
-                    do_c, q_c, k_sel, v_sel, o_c, l_c, 0.0, False,
-                    attn_mask=bias, scale=scale)
+                    *args, 0.0, False, attn_mask=bias, scale=scale)
             else:
-                dq_c, dk_c, dv_c = _math_backward(do_c, q_c, k_sel, v_sel,
-                                                  o_c, l_c, bias, scale)
+                dq_c, dk_c, dv_c = _math_backward(*args, bias, scale)
             if dq is not None:
-                dq[:, :, r0:r1] = dq_c.view(b, h, rc, tq, d)
-            idx = flat.reshape(-1)
-            if need_k:
-                dk.index_add_(0, idx, dk_c.reshape(-1, tk, d).to(acc))
-            if need_v:
-                dvv.index_add_(0, idx, dv_c.reshape(-1, tk, dv).to(acc))
-        dk_out = dk.view(b, h, s, tk, d).to(k.dtype) if need_k else None
-        dv_out = dvv.view(b, h, s, tk, dv).to(v.dtype) if need_v else None
-        return dq, dk_out, dv_out, None, None, None, None
+                dq[:, g0:g1] = dq_c
+            if dk is not None:
+                dk.index_add_(0, rows, dk_c.reshape(-1, tk, d).to(acc))
+            if dvv is not None:
+                dvv.index_add_(0, rows, dv_c.reshape(-1, tk, dv).to(acc))
+        dq = dq.view(b, h, r, tq, d) if dq is not None else None
+        dk = dk.view(b, h, s, tk, d).to(q.dtype) if dk is not None else None
+        if dvv is not None:
+            dvv = dvv.view(b, h, s, tk, dv).to(q.dtype)
+        return dq, dk, dvv, None, None, None, None
 
 
 def fused_attention(q: Tensor, k: Tensor, v: Tensor, graph: RegionGraph,
@@ -210,7 +228,7 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, graph: RegionGraph,
     """
     b, h, r, tq, d = q.shape
     kt = graph.topk * k.shape[3]
-    chunk = _chunk_regions(b, h, r, tq, kt, d, v.shape[-1],
-                           chunk_elems or CHUNK_ELEMS)
+    chunk = _chunk_groups(b * h * r, tq, kt, d, v.shape[-1],
+                          chunk_elems or CHUNK_ELEMS)
     return BRAFusedAttention.apply(q, k, v, graph.topk_index, graph.key_mask,
                                    scale, chunk)

@@ -2,9 +2,10 @@
 
 For every shape and backend, in a fresh subprocess per backend:
 
-* ``fwd_ms``: forward time (``torch.no_grad``), median of ``--repeat`` runs
-  after one warm-up;
-* ``fwd_bwd_ms``: forward + backward time (median);
+* ``fwd_ms``: forward time (``torch.no_grad``), best of ``--repeat`` runs
+  after one warm-up (the best, not the median, because the CPU may be
+  shared with other work);
+* ``fwd_bwd_ms``: forward + backward time (best of ``--repeat``);
 * ``peak_mem_mb``: peak memory of one forward + backward above what was
   allocated before it. CPU: the process's resident-set high-water mark
   (``VmHWM``, reset through ``/proc/self/clear_refs`` right before the step;
@@ -43,7 +44,6 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -121,6 +121,8 @@ def worker(spec: Dict) -> Dict:
     from mmbiformer.ops.functional import select_backend
 
     device = torch.device(spec['device'])
+    if spec.get('threads'):
+        torch.set_num_threads(spec['threads'])
     if device.type == 'cpu':
         _limit_memory(spec['mem_limit_gb'])
     torch.manual_seed(0)
@@ -197,7 +199,7 @@ def worker(spec: Dict) -> Dict:
             fn(xg).backward(g)
             sync()
             times.append(time.perf_counter() - t0)
-        res['fwd_bwd_ms'] = round(1e3 * statistics.median(times), 1)
+        res['fwd_bwd_ms'] = round(1e3 * min(times), 1)
         del xg
         times = []
         with torch.no_grad():
@@ -208,7 +210,7 @@ def worker(spec: Dict) -> Dict:
                 fn(x)
                 sync()
                 times.append(time.perf_counter() - t0)
-        res['fwd_ms'] = round(1e3 * statistics.median(times), 1)
+        res['fwd_ms'] = round(1e3 * min(times), 1)
     except (RuntimeError, MemoryError) as e:
         msg = str(e).lower()
         res['status'] = ('oom' if 'memory' in msg or 'alloc' in msg else
@@ -299,6 +301,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('--op', default='layer', choices=['layer', 'core'])
     parser.add_argument('--repeat', type=int, default=3)
+    parser.add_argument('--threads', type=int, default=0,
+                        help='CPU threads per process (0: torch default)')
     parser.add_argument('--timeout', type=int, default=600,
                         help='seconds per (shape, backend) process')
     parser.add_argument('--mem-limit-gb', type=float, default=8.0,
@@ -324,6 +328,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         for backend in backends:
             spec = dict(shape, backend=backend, device=args.device,
                         op=args.op, repeat=args.repeat,
+                        threads=args.threads,
                         mem_limit_gb=args.mem_limit_gb)
             row = run_one(spec, args.timeout)
             rows.append(row)
