@@ -43,8 +43,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--n-win', type=int, default=7)
     parser.add_argument(
         '--backend',
-        default='official',
-        help="attention backend ('official', 'gather', 'fused', ...)")
+        default=None,
+        help="attention backend ('official', 'gather', 'fused', ...; "
+        "default: the config's, 'auto' for --arch)")
     parser.add_argument(
         '--bn-count',
         choices=['official', 'eval'],
@@ -136,7 +137,8 @@ def main() -> None:
     from mmpretrain.registry import MODELS
     for arch in args.arch:
         model = MODELS.build(
-            classifier_cfg(arch, args.num_classes, args.n_win, args.backend))
+            classifier_cfg(arch, args.num_classes, args.n_win, args.backend
+                           or 'auto'))
         report(f'biformer_{arch}', model, shape, None, args.bn_count)
 
 
