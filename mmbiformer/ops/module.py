@@ -152,11 +152,14 @@ class BiLevelRoutingAttention(nn.Module):
 
         q, k, v = self.qkv(x)  # (N, Hp, Wp, c)
 
-        def regions(t: Tensor) -> Tensor:
-            return rearrange(t, 'n (j h) (i w) c -> n (j i) (h w) c', j=nw,
-                             i=nw)
+        m = self.num_heads
 
-        q_reg, k_reg, v_reg = regions(q), regions(k), regions(v)
+        def heads_by_region(t: Tensor) -> Tensor:
+            # one copy: (N, Hp, Wp, m*c) -> (N, m, R, T, c)
+            return rearrange(t, 'n (j h) (i w) (m c) -> n m (j i) (h w) c',
+                             j=nw, i=nw, m=m).contiguous()
+
+        qh, kh, vh = heads_by_region(q), heads_by_region(k), heads_by_region(v)
 
         token_mask = None
         region_valid = None
@@ -168,15 +171,14 @@ class BiLevelRoutingAttention(nn.Module):
             region_valid = token_mask.any(-1)  # (1, R)
 
         with torch.no_grad():
-            q_win = region_mean(q_reg.detach(), token_mask)
-            k_win = region_mean(k_reg.detach(), token_mask)
+            # region means over tokens, all heads' channels: (N, R, qk_dim)
+            q_win = rearrange(region_mean(qh.flatten(0, 1), token_mask),
+                              '(n m) r c -> n r (m c)', m=m)
+            k_win = rearrange(region_mean(kh.flatten(0, 1), token_mask),
+                              '(n m) r c -> n r (m c)', m=m)
             logits, topk_index = route(q_win, k_win, self.topk, self.scale,
                                        region_valid)
 
-        m = self.num_heads
-        qh = rearrange(q_reg, 'n r t (m c) -> n m r t c', m=m)
-        kh = rearrange(k_reg, 'n r t (m c) -> n m r t c', m=m)
-        vh = rearrange(v_reg, 'n r t (m c) -> n m r t c', m=m)
         key_mask = None
         if token_mask is not None:
             key_mask = token_mask.expand(n, -1, -1)
