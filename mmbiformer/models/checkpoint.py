@@ -228,14 +228,16 @@ def load_biformer_checkpoint(module: nn.Module,
         f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
         for k, v in mapped.items() if k in own and v.shape != own[k].shape
     ]
-    for k in list(mapped):
-        if k in own and mapped[k].shape != own[k].shape:
-            del mapped[k]
+    mismatched = [
+        k for k in mapped if k in own and mapped[k].shape != own[k].shape
+    ]
+    for k in mismatched:
+        del mapped[k]
     result = module.load_state_dict(mapped, strict=False)
 
     report = dict(
         format=info['format'],
-        missing=list(result.missing_keys),
+        missing=[k for k in result.missing_keys if k not in mismatched],
         unexpected=list(result.unexpected_keys),
         shape_mismatch=mismatch,
         skipped_norms=skipped,
