@@ -50,7 +50,7 @@ def _bra_fwd_kernel(Q, K, V, IDX, MASK, OUT, LSE, scale, H, R, S, TQ, TK,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_DV: tl.constexpr):
     pid_m = tl.program_id(0)
-    pid_g = tl.program_id(1)  # ((b * H) + m) * R + r
+    pid_g = tl.program_id(1).to(tl.int64)  # ((b * H) + m) * R + r
     r = pid_g % R
     bh = pid_g // R
     b = bh // H
@@ -105,7 +105,7 @@ def _bra_bwd_kernel(Q, K, V, IDX, MASK, DO, LSE, DELTA, DQ, DK, DV_,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_DV: tl.constexpr):
     pid_m = tl.program_id(0)
-    pid_g = tl.program_id(1)
+    pid_g = tl.program_id(1).to(tl.int64)
     r = pid_g % R
     bh = pid_g // R
     b = bh // H
