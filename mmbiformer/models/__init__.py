@@ -9,10 +9,11 @@ from .checkpoint import (
                          detect_format,
                          load_biformer_checkpoint,
 )
+from .complexity import count_params, flop_analysis
 from .layers import BiFormerBlock, GlobalAttention, LayerNorm2d
 
 __all__ = [
     'BiFormer', 'BiFormerBlock', 'GlobalAttention', 'LayerNorm2d',
-    'convert_official_checkpoint', 'detect_format',
-    'load_biformer_checkpoint'
+    'convert_official_checkpoint', 'count_params', 'detect_format',
+    'flop_analysis', 'load_biformer_checkpoint'
 ]

@@ -138,8 +138,10 @@ def backbone_state_dict(
     Args:
         state_dict: A state dict from :func:`extract_state_dict`.
         prefix: Keep only keys starting with it and strip it (e.g.
-            ``'backbone.'``). If None and the keys carry no backbone prefix
-            themselves, ``'backbone.'`` is stripped when present.
+            ``'backbone.'``); ignored when no key has it but the keys are
+            backbone keys already (official ImageNet layout). If None and
+            the keys carry no backbone prefix themselves, ``'backbone.'``
+            is stripped.
 
     Returns:
         tuple: the mapped backbone state dict and a dict with ``format``,
@@ -155,8 +157,11 @@ def backbone_state_dict(
             for k, v in state_dict.items() if k.startswith(prefix)
         }
         if not selected:
-            raise ValueError(f'No key of the checkpoint starts with the '
-                             f'prefix {prefix!r}')
+            if not any(k.startswith(_BACKBONE_ROOTS) for k in state_dict):
+                raise ValueError(f'No key of the checkpoint starts with the '
+                                 f'prefix {prefix!r}')
+            # an official ImageNet checkpoint has no prefix at all
+            selected, prefix = dict(state_dict), f'{prefix!r} (not present)'
     else:
         selected = dict(state_dict)
     mapped, renamed, dropped = OrderedDict(), {}, []

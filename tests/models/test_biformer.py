@@ -103,12 +103,15 @@ def test_default_init_is_official():
     assert torch.all(norm.weight == 1) and torch.all(norm.bias == 0)
 
 
-@pytest.mark.parametrize('size', [(97, 131), (250, 330)])
-def test_odd_input_sizes_with_auto_pad(size):
+@pytest.mark.parametrize('size,pad_mode', [((97, 131), 'legacy'),
+                                           ((97, 131), 'masked'),
+                                           ((250, 330), 'legacy')])
+def test_odd_input_sizes_with_auto_pad(size, pad_mode):
     torch.manual_seed(0)
     model = BiFormer(
-        arch=MINI, n_win=7, out_indices=(0, 1, 2, 3),
-        auto_pad=True).eval()
+        arch=MINI, n_win=7, out_indices=(0, 1, 2, 3), auto_pad=True,
+        pad_mode=pad_mode).eval()
+    assert {m.pad_mode for m in model.routing_attentions()} == {pad_mode}
     with torch.no_grad():
         outs = model(torch.randn(1, 3, *size))
     shapes = [tuple(o.shape[1:]) for o in outs]

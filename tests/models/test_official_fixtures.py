@@ -146,13 +146,25 @@ def test_official_in1k_pretrained_init_into_backbone():
         official['head.bias']
     assert max_diff(logits, io['logits']) <= TOL
 
-    report = load_biformer_checkpoint(
-        BiFormer(arch=MINI, out_indices=(0, 1, 2, 3), out_norm=None), path)
+    # a 'backbone.' prefix (as for converted files) is ignored with a note
+    backbone = BiFormer(arch=MINI, out_indices=(0, 1, 2, 3), out_norm=None)
+    report = load_biformer_checkpoint(backbone, path, prefix='backbone.')
     assert report['format'] == OFFICIAL_IN1K
     assert report['missing'] == [] and report['unexpected'] == []
     assert sorted(report['dropped']) == ['head.bias', 'head.weight']
     # the classification BN has no place in a backbone without out-norms
     assert 'norm3.running_mean' in report['skipped_norms']
+    backbone.eval()
+    with torch.no_grad():
+        outs = backbone(io['input'])
+    for ours, official in zip(outs, io['stage_outputs']):
+        assert max_diff(ours, official) <= TOL
+
+    with pytest.raises(ValueError, match="prefix 'model.'"):
+        load_biformer_checkpoint(
+            backbone,
+            str(FIXTURES / 'biformer_mini_dense_official.pth'),
+            prefix='model.')
 
 
 def test_official_mini_dense_fixture():
