@@ -9,7 +9,13 @@ This is the one place that registers
   ``custom_imports=dict(imports=['mmbiformer'])``);
 * the op :class:`mmbiformer.ops.BiLevelRoutingAttention` as
   ``'BiLevelRoutingAttention'`` into mmengine's root ``MODELS`` registry
-  (visible from every toolbox's registry, which are its children).
+  (visible from every toolbox's registry, which are its children);
+* FLOP-counter handles for the ops that fvcore-style counters skip (the
+  routing attention's fused autograd functions and
+  ``aten::scaled_dot_product_attention``) into the defaults of
+  ``mmengine.analysis``, so stock tools such as mmpretrain's
+  ``get_flops.py`` (``get_model_complexity_info``) count them too. Handles
+  the defaults already have are left alone.
 
 Importing this module again registers nothing twice.
 """
@@ -64,8 +70,29 @@ def _toolbox_models(package: str):
         return None
 
 
+def register_flop_handles() -> List[str]:
+    """Add BiFormer's FLOP handles to mmengine's default handles.
+
+    Returns the op names added (none if mmengine has no such defaults).
+    """
+    from .models.complexity import biformer_flop_handles
+    try:
+        from mmengine.analysis import complexity_analysis
+        defaults = complexity_analysis._DEFAULT_SUPPORTED_FLOP_OPS
+    except (ImportError, AttributeError):
+        return []
+    added = []
+    for name, handle in biformer_flop_handles().items():
+        if name not in defaults:
+            defaults[name] = handle
+            added.append(name)
+    return added
+
+
 def register_all_modules() -> List[str]:
-    """Register the backbone and the op; returns the toolboxes used."""
+    """Register the backbone, the op and the FLOP handles; returns the
+    toolboxes whose ``MODELS`` hold the backbone."""
+    register_flop_handles()
     _register(MMENGINE_MODELS, 'BiLevelRoutingAttention',
               BiLevelRoutingAttention)
     for package in TOOLBOX_REGISTRIES:

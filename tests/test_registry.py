@@ -143,3 +143,19 @@ def test_stock_segmentor_config(tmp_path):
     with torch.no_grad():
         out = model(torch.randn(1, 3, 75, 90))  # mode='tensor'
     assert out.shape == (1, 3, 3, 3)
+
+
+def test_stock_flop_counter_counts_fused_ops():
+    """After ``import mmbiformer`` mmengine's stock complexity tool counts
+    the fused routing attention and SDPA like every other backend."""
+    from mmengine.analysis import get_model_complexity_info
+
+    from mmbiformer.models import flop_analysis
+    model = BiFormer(arch=MINI, attn_backend='fused').eval()
+    stock = get_model_complexity_info(
+        model, input_shape=(3, 224, 224), show_table=False,
+        show_arch=False)['flops']
+    model.attn_backend = 'official'
+    ours, _ = flop_analysis(model, torch.randn(1, 3, 224, 224),
+                            bn_convention='eval')
+    assert stock == ours
