@@ -2,7 +2,8 @@
 
 Importing the package
   * makes mmengine's checkpoint loading safe and working on torch >= 2.6
-    (see :mod:`mmbiformer.utils.safe_load`), and
+    (see :mod:`mmbiformer.utils.safe_load`) and checkpoint saving atomic
+    (:mod:`mmbiformer.utils.atomic_save`), and
   * registers the ``BiFormer`` backbone and the ``BiLevelRoutingAttention``
     op into the registries of whichever OpenMMLab toolboxes are installed.
 
@@ -13,9 +14,11 @@ import importlib.util
 from .version import __version__
 
 if importlib.util.find_spec('mmengine') is not None:
+    from .utils.atomic_save import enable_atomic_checkpoint_saving
     from .utils.safe_load import enable_safe_checkpoint_loading
 
     enable_safe_checkpoint_loading()
+    enable_atomic_checkpoint_saving()
 
     from . import registry  # noqa: F401  (registers into the toolboxes)
 

@@ -166,3 +166,45 @@ def test_checkpoint_with_pickled_callable_is_refused(tmp_path):
         assert str(path) in str(info.value)
         assert named in str(info.value)
         assert not marker.exists(), 'the pickled callable was executed'
+
+
+def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
+    """A crash while writing leaves no file under the final name, and an
+    existing checkpoint of that name survives intact."""
+    from mmengine.runner.checkpoint import save_checkpoint
+    target = tmp_path / 'epoch_1.pth'
+    save_checkpoint({'state_dict': {'w': torch.ones(3)}}, str(target))
+    assert torch.load(target, weights_only=True)['state_dict']['w'].sum() == 3
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b'partial bytes')
+        raise KeyboardInterrupt('killed while saving')
+
+    monkeypatch.setattr(torch, 'save', crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({'state_dict': {'w': torch.zeros(3)}}, str(target))
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({'state_dict': {}}, str(tmp_path / 'epoch_2.pth'))
+    monkeypatch.undo()
+    assert not (tmp_path / 'epoch_2.pth').exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['epoch_1.pth']
+    assert torch.load(target, weights_only=True)['state_dict']['w'].sum() == 3
+
+
+def test_resume_finds_checkpoint_when_last_checkpoint_is_broken(tmp_path):
+    import os
+    import time
+
+    from mmengine.runner import find_latest_checkpoint
+    for i in (1, 2):
+        torch.save({'i': i}, tmp_path / f'epoch_{i}.pth')
+        os.utime(tmp_path / f'epoch_{i}.pth', (time.time() + i, ) * 2)
+    (tmp_path / 'last_checkpoint').write_text('')  # killed mid-write
+    assert find_latest_checkpoint(str(tmp_path)) == str(tmp_path /
+                                                       'epoch_2.pth')
+    (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'epoch_1.pth'))
+    assert find_latest_checkpoint(str(tmp_path)) == str(tmp_path /
+                                                       'epoch_1.pth')
+    (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'gone.pth'))
+    assert find_latest_checkpoint(str(tmp_path)) == str(tmp_path /
+                                                       'epoch_2.pth')
