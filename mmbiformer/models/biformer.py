@@ -363,12 +363,14 @@ class BiFormer(BaseModule):
         if self.auto_pad or self.arch_settings['topks'][stage] <= 0:
             return
         if h % self.n_win or w % self.n_win:
-            scale = 2**(stage + 2)
+            last = max(i for i, k in enumerate(self.arch_settings['topks'])
+                       if k > 0)
+            scale = 2**(last + 2)
             raise ValueError(
                 f'BiFormer stage {stage + 1} gets a {h}x{w} feature map, not '
                 f'divisible by n_win={self.n_win}. Use auto_pad=True, or '
                 f'inputs whose sides are multiples of {scale * self.n_win} '
-                f'(n_win x {scale}).')
+                f'(n_win x {scale}, the stride of the last routing stage).')
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """(N, C_in, H, W) -> tuple of (N, C_i, H_i, W_i), see class doc."""

@@ -125,6 +125,9 @@ def test_odd_input_without_auto_pad_raises():
     model = BiFormer(arch=MINI, n_win=7).eval()
     with pytest.raises(ValueError, match='auto_pad=True'):
         model(torch.randn(1, 3, 97, 131))
+    # 28 = 7 x 4 suits stage 1 only; stage 3 (stride 16) needs 112
+    with pytest.raises(ValueError, match='stage 3 .* multiples of 112'):
+        model(torch.randn(1, 3, 56, 56))
 
 
 @pytest.fixture(scope='module')
