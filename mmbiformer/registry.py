@@ -15,7 +15,11 @@ This is the one place that registers
   ``aten::scaled_dot_product_attention``) into the defaults of
   ``mmengine.analysis``, so stock tools such as mmpretrain's
   ``get_flops.py`` (``get_model_complexity_info``) count them too. Handles
-  the defaults already have are left alone.
+  the defaults already have are left alone;
+* the classification model zoo into mmpretrain's model hub
+  (:func:`mmbiformer.model_zoo.register_mmpretrain_models`), so that
+  ``mmpretrain.list_models('*biformer*')`` and ``mmpretrain.get_model``
+  know the BiFormer classifiers.
 
 Importing this module again registers nothing twice.
 """
@@ -102,6 +106,9 @@ def register_all_modules() -> List[str]:
         _register(models, 'BiFormer', BiFormer)
         if package not in REGISTERED_IN:
             REGISTERED_IN.append(package)
+    if 'mmpretrain' in REGISTERED_IN:
+        from .model_zoo import register_mmpretrain_models
+        register_mmpretrain_models()
     return list(REGISTERED_IN)
 
 
