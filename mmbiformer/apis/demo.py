@@ -17,6 +17,7 @@ it to a CPU-sized run. It overrides only
 and log intervals for progress. Batch sizes, optimizers, learning rates and
 augmentations stay as the recipe has them.
 """
+import copy
 import math
 import os.path as osp
 from typing import List, Optional
@@ -95,7 +96,8 @@ def builtin_data_options(cfg,
                          world_size: int = 1,
                          n_train: Optional[int] = None,
                          workers: int = 2,
-                         log_interval: int = 10) -> List[str]:
+                         log_interval: int = 10,
+                         batch_size: Optional[int] = None) -> List[str]:
     """``key=value`` overrides that run ``cfg`` on the built-in data.
 
     Args:
@@ -110,6 +112,9 @@ def builtin_data_options(cfg,
             None and the data exists; only used for scaling).
         workers: data loader workers per process.
         log_interval: logger interval in iterations.
+        batch_size: training images per process; None keeps the recipe's.
+            (A smaller batch is the one deviation a CPU demo needs: it keeps
+            the number of optimizer steps reasonable in a few minutes.)
     """
     task = TASK_OF_SCOPE[cfg.default_scope]
     data_root = osp.join(root, DATA_DIRS[task])
@@ -161,6 +166,10 @@ def builtin_data_options(cfg,
         if cfg.model.get('data_preprocessor', {}).get('size') is not None:
             opts['model.data_preprocessor.size'] = (s, s)
 
+    if batch_size is not None:
+        opts['train_dataloader.batch_size'] = batch_size
+        cfg = copy.deepcopy(cfg)
+        cfg.train_dataloader.batch_size = batch_size
     opts.update(_schedule_options(cfg, task, root, length, world_size,
                                   n_train))
     opts['default_hooks.logger.interval'] = log_interval
@@ -186,7 +195,7 @@ def _schedule_options(cfg, task, root, length, world_size, n_train):
         new_epoch = _iters_per_epoch(n_train, batch, world_size)
         f_iter = (new_len * new_epoch) / (old_len * off_epoch)
     else:
-        f_iter = f
+        f_iter, new_epoch = f, 1
 
     if epoch_based:
         opts['train_cfg.max_epochs'] = new_len
@@ -204,17 +213,19 @@ def _schedule_options(cfg, task, root, length, world_size, n_train):
     for k, sch in enumerate(scheds):
         opts.update(_scale_scheduler(f'param_scheduler.{k}', dict(sch),
                                      epoch_based, old_len, new_len, f,
-                                     f_iter))
+                                     f_iter, new_epoch))
 
     # EMA: keep the averaging horizon the same fraction of training
     for k, hook in enumerate(cfg.get('custom_hooks') or []):
         if hook.get('type') == 'EMAHook' and 'momentum' in hook:
-            m = min(1.0, hook['momentum'] / max(f_iter, 1e-12))
+            # (mmengine needs momentum < 1; at most 0.5: a 2-iteration horizon)
+            m = min(0.5, hook["momentum"] / max(f_iter, 1e-12))
             opts[f'custom_hooks.{k}.momentum'] = float(f'{m:.4g}')
     return opts
 
 
-def _scale_scheduler(key, sch, epoch_based, old_len, new_len, f, f_iter):
+def _scale_scheduler(key, sch, epoch_based, old_len, new_len, f, f_iter,
+                     iters_per_epoch):
     """Overrides of one LR/momentum scheduler for the new length.
 
     Boundaries counted in the loop's unit are scaled by ``f`` (a boundary at
@@ -228,10 +239,22 @@ def _scale_scheduler(key, sch, epoch_based, old_len, new_len, f, f_iter):
     g = f if in_loop_unit else f_iter
 
     def scale(v):
+        """The same boundary always maps to the same value, so schedulers
+        that meet (warm-up end = decay begin) still meet; a positive
+        boundary stays positive: at least two iterations (mmengine's
+        LinearLR needs two steps) or one epoch."""
         if in_loop_unit and v >= old_len:
             return new_len
+        if v <= 0:
+            return 0
         v = v * g
-        return round(v, 3) if fractional else int(round(v))
+        if fractional:
+            # mmengine converts with int(v * iters_per_epoch): land exactly
+            # on a whole number of iterations
+            n = max(2, int(round(v * iters_per_epoch)))
+            return round((n + 1e-3) / iters_per_epoch, 4)
+        return max(1 if (epoch_based and in_loop_unit) else 2,
+                   int(round(v)))
 
     begin = sch.get('begin', 0)
     nb = scale(begin)
@@ -241,7 +264,9 @@ def _scale_scheduler(key, sch, epoch_based, old_len, new_len, f, f_iter):
     if 'end' in sch:
         ne = scale(sch['end'])
         if ne <= nb:
-            ne = nb + (0.01 if fractional else 1)
+            ne = nb + (
+                round(2.001 / iters_per_epoch, 4) if fractional else
+                1 if (epoch_based and in_loop_unit) else 2)
         opts[f'{key}.end'] = ne
     if 'T_max' in sch:
         opts[f'{key}.T_max'] = (new_len if ne is None else ne) - nb

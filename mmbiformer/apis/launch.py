@@ -136,6 +136,9 @@ def adapt_to_host(cfg: Config, launcher: str = 'none') -> Config:
         wrapper = cfg.get('model_wrapper_cfg') or {}
         wrapper = copy.deepcopy(dict(wrapper))
         wrapper.setdefault('type', 'MMDistributedDataParallel')
+        # CPU module: DDP must get no device ids (mmengine passes LOCAL_RANK
+        # unless the config names them)
+        wrapper.setdefault('device_ids', None)
         wrapper.setdefault('broadcast_buffers', False)
         wrapper.setdefault('find_unused_parameters',
                            cfg.get('find_unused_parameters', False))

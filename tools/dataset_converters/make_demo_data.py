@@ -88,11 +88,11 @@ ADE_THINGS = dict(disc=(120, 'ball'), square=(42, 'box'),
 
 # ----------------------------------------------------------- dataset sizes
 SPLITS = dict(
-    cls=dict(size=128, train=600, val=180),
-    det=dict(size=192, train=300, val=60),
-    seg=dict(size=160, train=300, val=60),
+    cls=dict(size=128, train=480, val=120),
+    det=dict(size=128, train=200, val=50),
+    seg=dict(size=160, train=200, val=50),
 )
-VERSION = 1  # bump when the generator's output changes
+VERSION = 2  # bump when the generator's output changes
 
 
 # ------------------------------------------------------------ primitives
