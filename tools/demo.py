@@ -69,7 +69,7 @@ def task_options(task, root, init_ckpt=None):
     cfg = load_config(osp.join(REPO, spec['config']))
     opts = builtin_data_options(
         cfg, root=root, img_size=spec['img_size'], length=spec['length'],
-        batch_size=spec['batch_size'])
+        batch_size=spec['batch_size'], workers=2)
     opts += ['model.backbone.arch=tiny', 'randomness.seed=0']
     if task != 'cls':
         opts.append('model.backbone.init_cfg.checkpoint=' + init_ckpt
@@ -168,8 +168,8 @@ def main(argv=None):
     if args.print_options:
         from mmbiformer.apis import builtin_data_options, load_config
         cfg = load_config(args.print_options)
-        print(' '.join(builtin_data_options(cfg, root=args.root,
-                                            length=args.length)))
+        print(' '.join(shlex.quote(o) for o in builtin_data_options(
+            cfg, root=args.root, length=args.length)))
         return 0
     t0 = time.time()
     make_demo_data.make(args.root, tasks=args.tasks)

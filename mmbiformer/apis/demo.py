@@ -95,7 +95,7 @@ def builtin_data_options(cfg,
                          length: Optional[int] = None,
                          world_size: int = 1,
                          n_train: Optional[int] = None,
-                         workers: int = 2,
+                         workers: Optional[int] = None,
                          log_interval: int = 10,
                          batch_size: Optional[int] = None) -> List[str]:
     """``key=value`` overrides that run ``cfg`` on the built-in data.
@@ -104,13 +104,13 @@ def builtin_data_options(cfg,
         cfg: the loaded real config (mmpretrain, mmdet or mmseg scope).
         root: demo data root (``make_demo_data.py --root``).
         img_size: training crop / resize side; defaults per task (cls 112,
-            det 192, seg 128).
+            det 128, seg 128).
         length: epochs (epoch-based loops) or iterations (iteration-based
             loops); defaults to 1 epoch / 20 iterations.
         world_size: processes the run will use (to count iterations).
         n_train: number of demo training images (read from the data when
             None and the data exists; only used for scaling).
-        workers: data loader workers per process.
+        workers: data loader workers per process (None: the config's).
         log_interval: logger interval in iterations.
         batch_size: training images per process; None keeps the recipe's.
             (A smaller batch is the one deviation a CPU demo needs: it keeps
@@ -124,8 +124,9 @@ def builtin_data_options(cfg,
         if cfg.get(name) is None:
             continue
         opts[f'{name}.dataset.data_root'] = data_root + '/'
-        opts[f'{name}.num_workers'] = workers
-        opts[f'{name}.persistent_workers'] = workers > 0
+        if workers is not None:
+            opts[f'{name}.num_workers'] = workers
+            opts[f'{name}.persistent_workers'] = workers > 0
 
     tr = cfg.train_dataloader.dataset.pipeline
     te = cfg.test_dataloader.dataset.pipeline
@@ -142,7 +143,7 @@ def builtin_data_options(cfg,
             i = _index(pl, 'CenterCrop')
             opts[f'{name}.dataset.pipeline.{i}.crop_size'] = s
     elif task == 'det':
-        s = img_size or 192
+        s = img_size or 128
         i = _index(tr, 'Resize', 'RandomResize', 'RandomChoiceResize')
         opts[f'train_dataloader.dataset.pipeline.{i}.scale'] = (s, s)
         for name, pl in (('val_dataloader', va), ('test_dataloader', te)):

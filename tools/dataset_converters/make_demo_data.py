@@ -92,7 +92,7 @@ SPLITS = dict(
     det=dict(size=128, train=200, val=50),
     seg=dict(size=160, train=200, val=50),
 )
-VERSION = 2  # bump when the generator's output changes
+VERSION = 3  # bump when the generator's output changes
 
 
 # ------------------------------------------------------------ primitives
@@ -188,6 +188,14 @@ def shape_polygon(kind, cx, cy, r, angle):
     rot = np.array([[ca, -sa], [sa, ca]])
     pts = pts @ rot.T * r + np.array([cx, cy])
     return [(float(px), float(py)) for px, py in pts]
+
+
+def polygon_area(polygon):
+    """Area enclosed by a simple polygon (shoelace formula)."""
+    xy = np.asarray(polygon, np.float64)
+    x, y = xy[:, 0], xy[:, 1]
+    return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+                 / 2)
 
 
 def raster(polygon, h, w):
@@ -322,7 +330,7 @@ def make_det(root, split, n, size, rng):
             anns.append(dict(
                 id=len(anns) + 1, image_id=img_id,
                 category_id=name2id[COCO_NAMES[SHAPES[cls]]],
-                bbox=[x0, y0, x1 - x0, y1 - y0], area=float(mask.sum()),
+                bbox=[x0, y0, x1 - x0, y1 - y0], area=polygon_area(poly),
                 iscrowd=0,
                 segmentation=[[round(c, 2) for pt in poly for c in pt]]))
         clutter(canvas, rng, int(rng.integers(0, 3)), 0, (0, 1))
