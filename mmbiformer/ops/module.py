@@ -141,6 +141,11 @@ class BiLevelRoutingAttention(nn.Module):
         nw = self.n_win
         pad_b, pad_r = (-h_in) % nw, (-w_in) % nw
         if pad_b or pad_r:
+            if not self.auto_pad and (h_in < nw or w_in < nw):
+                raise ValueError(
+                    f'feature map {h_in}x{w_in} is smaller than the '
+                    f'{nw}x{nw} region grid (n_win={nw}); set auto_pad=True '
+                    f'or use n_win <= {min(h_in, w_in)}')
             if not self.auto_pad:
                 raise ValueError(
                     f'feature map {h_in}x{w_in} is not divisible by '

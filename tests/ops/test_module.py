@@ -156,5 +156,7 @@ def test_errors_name_the_fix():
     m = BiLevelRoutingAttention(32, num_heads=2, n_win=7)
     with pytest.raises(ValueError, match='auto_pad=True'):
         m(torch.randn(1, 10, 14, 32))
+    with pytest.raises(ValueError, match='smaller than the 7x7 region'):
+        m(torch.randn(1, 5, 14, 32))
     with pytest.raises(ValueError, match='channels-last'):
         m(torch.randn(1, 32, 14, 14))
