@@ -139,8 +139,14 @@ class BiLevelRoutingAttention(nn.Module):
                              f'choose one of {BACKENDS}')
         n, h_in, w_in, _ = x.shape
         nw = self.n_win
-        pad_b, pad_r = (-h_in) % nw, (-w_in) % nw
-        if pad_b or pad_r:
+        # pads from ceil(size / n_win): under torch.export the padded size
+        # is then provably a multiple of n_win
+        pad_b = (h_in + nw - 1) // nw * nw - h_in
+        pad_r = (w_in + nw - 1) // nw * nw - w_in
+        # exporting with auto_pad: pad and crop unconditionally (possibly by
+        # zero) so that one exported graph serves every input size
+        always_pad = self.auto_pad and torch.compiler.is_exporting()
+        if always_pad or pad_b or pad_r:
             if not self.auto_pad and (h_in < nw or w_in < nw):
                 raise ValueError(
                     f'feature map {h_in}x{w_in} is smaller than the '
@@ -168,9 +174,9 @@ class BiLevelRoutingAttention(nn.Module):
 
         token_mask = None
         region_valid = None
-        if self.pad_mode == 'masked' and (pad_b or pad_r):
-            valid = torch.zeros(hp, wp, dtype=torch.bool, device=x.device)
-            valid[:h_in, :w_in] = True
+        if self.pad_mode == 'masked' and (always_pad or pad_b or pad_r):
+            valid = ((torch.arange(hp, device=x.device) < h_in)[:, None]
+                     & (torch.arange(wp, device=x.device) < w_in)[None, :])
             token_mask = rearrange(valid, '(j h) (i w) -> (j i) (h w)', j=nw,
                                    i=nw).unsqueeze(0)  # (1, R, T)
             region_valid = token_mask.any(-1)  # (1, R)
@@ -199,7 +205,12 @@ class BiLevelRoutingAttention(nn.Module):
             lepe = self.lepe(v.permute(0, 3, 1, 2))
             out = out + lepe.permute(0, 2, 3, 1)
         out = self.wo(out)
-        if pad_b or pad_r:
+        if always_pad:
+            # index_select, not a slice: export would guard on whether the
+            # sliced view is contiguous, i.e. specialise on the input size
+            out = out.index_select(1, torch.arange(h_in, device=out.device))
+            out = out.index_select(2, torch.arange(w_in, device=out.device))
+        elif pad_b or pad_r:
             out = out[:, :h_in, :w_in, :].contiguous()
         if not return_routing:
             return out
