@@ -16,12 +16,18 @@ from mmcv.cnn import build_norm_layer
 from mmengine.model import BaseModule
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..ops import BiLevelRoutingAttention
+from ..ops import BACKENDS, BiLevelRoutingAttention
+from ..ops.module import PAD_MODES
 from .layers import BiFormerBlock, GlobalAttention, LayerNorm2d
 
 ARCH_KEYS = ('embed_dims', 'depths', 'head_dim', 'mlp_ratios', 'topks')
 OPTIONAL_ARCH_KEYS = ('qk_dims', )
 OUT_NORMS = ('bn', 'ln', None)
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) \
+        and value > 0
 
 
 class BiFormer(BaseModule):
@@ -74,6 +80,10 @@ class BiFormer(BaseModule):
             output norms) to freeze; 0 freezes nothing. Defaults to 0.
         norm_eval (bool): Keep BatchNorm layers in eval mode during training.
         with_cp (bool): Activation checkpointing of every block.
+        check_finite (bool): Raise a ``ValueError`` naming the images when
+            the input holds NaN or Inf (one reduction over the input per
+            forward; on a GPU it also waits for the device). Defaults to
+            False: see "Bad input" below.
         init_cfg (dict | list[dict], optional): Initialisation config.
             ``dict(type='Pretrained', checkpoint=..., prefix=...)`` accepts
             official ImageNet checkpoints (``{'model': ...}``), official
@@ -84,6 +94,35 @@ class BiFormer(BaseModule):
         ``x`` (N, in_channels, H, W) -> tuple of (N, C_i, H_i, W_i) for ``i``
         in ``out_indices``, with ``C_i = embed_dims[i]`` and ``H_i =
         ceil(H / 2 ** (i + 2))`` (likewise ``W_i``).
+
+    Bad input:
+        * Configuration errors (unknown ``arch``, ``attn_backend`` or
+          ``pad_mode``, ``n_win`` not a positive int, a ``topks`` entry
+          larger than the ``n_win ** 2`` regions, ``in_channels`` not a
+          positive int) raise ``ValueError`` at construction, naming the key
+          and the allowed values.
+        * ``forward`` raises ``ValueError`` for an input that is not 4-D,
+          whose channel count is not ``in_channels``, whose height or width
+          is 0; and ``TypeError`` for an input that is not floating point
+          (e.g. ``uint8`` images: convert with ``.float()`` and normalise)
+          or whose floating dtype differs from the weights' one outside
+          ``torch.autocast`` (e.g. a ``float16`` input to a ``float32``
+          model: convert the input or the model, or use autocast).
+        * Sizes: with ``auto_pad=True`` any ``H, W >= 1`` works, including
+          images smaller than the region grid (e.g. 32x32 with ``n_win=7``:
+          the maps are padded to the grid inside each routing attention and
+          cropped back) and elongated images; without it, an input whose
+          routing stages' maps are not multiples of ``n_win`` raises a
+          ``ValueError`` naming the multiple to use.
+        * An empty batch (``N == 0``) returns empty outputs of the usual
+          shapes, in training mode too (the BatchNorm running statistics are
+          left unchanged).
+        * NaN/Inf: by default the input is not scanned; a non-finite value
+          makes that image's outputs NaN (in eval mode only that image's:
+          images do not interact) and, in training mode, the BatchNorm batch
+          statistics and so every image of the batch and the running
+          statistics. Set ``check_finite=True`` to get a ``ValueError``
+          naming the images instead.
     """
 
     arch_zoo: Dict[str, dict] = {
@@ -129,10 +168,12 @@ class BiFormer(BaseModule):
                  frozen_stages: int = 0,
                  norm_eval: bool = False,
                  with_cp: bool = False,
+                 check_finite: bool = False,
                  init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
         super().__init__(init_cfg=init_cfg)
         norm_cfg = norm_cfg or dict(type='BN')
         self.arch_settings = self._parse_arch(arch)
+        self._check_config(in_channels, n_win, attn_backend, pad_mode)
         embed_dims = self.arch_settings['embed_dims']
         depths = self.arch_settings['depths']
         head_dim = self.arch_settings['head_dim']
@@ -155,6 +196,10 @@ class BiFormer(BaseModule):
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self.with_cp = with_cp
+        self.in_channels = in_channels
+        self.check_finite = check_finite
+        #: report of the last ``Pretrained`` load (see ``init_weights``)
+        self.checkpoint_report: Optional[dict] = None
 
         # stem and downsampling layers (official names and indices)
         c0 = embed_dims[0]
@@ -256,6 +301,36 @@ class BiFormer(BaseModule):
                     'LePE) or -1 (global attention)')
         return settings
 
+    def _check_config(self, in_channels: int, n_win: int, attn_backend: str,
+                      pad_mode: str) -> None:
+        """Build-time checks of the keys the blocks do not check with the
+        backbone's names (errors name the key and the allowed values)."""
+        if not _is_positive_int(in_channels):
+            raise ValueError(f'in_channels must be a positive int (3 for RGB '
+                             f'images), got {in_channels!r}')
+        if attn_backend not in BACKENDS:
+            raise ValueError(f'attn_backend={attn_backend!r} is not supported;'
+                             f' choose one of {BACKENDS}')
+        if pad_mode not in PAD_MODES:
+            raise ValueError(f'pad_mode={pad_mode!r} is not supported; choose '
+                             f'one of {PAD_MODES}')
+        topks = self.arch_settings['topks']
+        if not any(k > 0 for k in topks):
+            return  # no routing stage: n_win is not used
+        if not _is_positive_int(n_win):
+            raise ValueError(
+                f'n_win must be a positive int (regions per side of the '
+                f'routing grid; the official values are 7 for classification '
+                f'at 224, 16 for detection, 8 for segmentation), got '
+                f'{n_win!r}')
+        for i, topk in enumerate(topks):
+            if topk > n_win * n_win:
+                raise ValueError(
+                    f'arch topks[{i}]={topk} routes to more regions than the '
+                    f'n_win**2={n_win * n_win} of n_win={n_win}; use n_win >= '
+                    f'{math.ceil(math.sqrt(topk))} or topks[{i}] <= '
+                    f'{n_win * n_win}')
+
     def _parse_out_indices(
             self, out_indices: Union[int, Sequence[int]]) -> Tuple[int, ...]:
         if isinstance(out_indices, int):
@@ -309,6 +384,9 @@ class BiFormer(BaseModule):
 
     @attn_backend.setter
     def attn_backend(self, backend: str) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f'attn_backend={backend!r} is not supported; '
+                             f'choose one of {BACKENDS}')
         for m in self.routing_attentions():
             m.backend = backend
 
@@ -352,7 +430,7 @@ class BiFormer(BaseModule):
             self.init_cfg = original
         if pretrained:
             cfg = pretrained[0]
-            load_biformer_checkpoint(
+            self.checkpoint_report = load_biformer_checkpoint(
                 self,
                 cfg['checkpoint'],
                 prefix=cfg.get('prefix'),
@@ -372,8 +450,56 @@ class BiFormer(BaseModule):
                 f'inputs whose sides are multiples of {scale * self.n_win} '
                 f'(n_win x {scale}, the stride of the last routing stage).')
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        """Cheap checks of the input batch (see "Bad input" in the class
+        doc): shape and dtype only, unless ``check_finite``."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f'BiFormer expects a tensor (N, {self.in_channels}'
+                            f', H, W), got {type(x).__name__}')
+        if x.dim() != 4:
+            hint = (' (a single image? add the batch dimension with x[None])'
+                    if x.dim() == 3 else '')
+            raise ValueError(
+                f'BiFormer expects a 4-D batch (N, {self.in_channels}, H, W), '
+                f'got shape {tuple(x.shape)}{hint}')
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f'BiFormer(in_channels={self.in_channels}) got an input with '
+                f'{x.shape[1]} channels (shape {tuple(x.shape)}); convert the '
+                f'images to {self.in_channels} channels (channels first, NCHW)'
+                f' or build the backbone with in_channels={x.shape[1]}')
+        if x.shape[2] == 0 or x.shape[3] == 0:
+            raise ValueError(f'BiFormer got an empty image: input shape '
+                             f'{tuple(x.shape)}')
+        if not x.is_floating_point():
+            raise TypeError(
+                f'BiFormer got a {x.dtype} input; convert it with .float() '
+                '(and normalise it like the training data, e.g. with the '
+                'model\'s data preprocessor) first')
+        weight = self.downsample_layers[0][0].weight
+        if x.dtype != weight.dtype:
+            device = x.device.type
+            autocast = (torch.is_autocast_enabled(device)
+                        and x.dtype in (torch.float32,
+                                        torch.get_autocast_dtype(device)))
+            if not autocast:
+                raise TypeError(
+                    f'BiFormer got a {x.dtype} input but its weights are '
+                    f'{weight.dtype}; convert the input with '
+                    f'.to({weight.dtype}), the model with .to({x.dtype}), or '
+                    'run under torch.autocast for mixed precision')
+        if self.check_finite and not torch.compiler.is_exporting():
+            bad = ~torch.isfinite(x).flatten(1).all(dim=1)
+            if bool(bad.any()):
+                raise ValueError(
+                    'BiFormer(check_finite=True): the input holds NaN or Inf '
+                    f'in images {bad.nonzero().flatten().tolist()} of the '
+                    'batch; check the data pipeline (decoding, '
+                    'normalisation, augmentation)')
+
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """(N, C_in, H, W) -> tuple of (N, C_i, H_i, W_i), see class doc."""
+        self._check_input(x)
         outs = []
         for i in range(self.num_stages):
             x = self.downsample_layers[i](x)

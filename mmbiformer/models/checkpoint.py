@@ -23,7 +23,10 @@ in-memory ``Pretrained`` initialisation of :class:`~.BiFormer` share this
 module.
 """
 import logging
+import os.path as osp
+import pickle
 import re
+import zipfile
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
@@ -37,6 +40,61 @@ MM = 'mm'
 LAST_STAGE = 3
 _EXTRA_NORM = re.compile(r'^extra_norms\.(\d+)\.(.+)$')
 _BACKBONE_ROOTS = ('downsample_layers.', 'stages.')
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read: truncated, empty or not a
+    PyTorch checkpoint at all."""
+
+
+def _describe_unreadable(filename: str) -> str:
+    """Why a local file that failed to load is not a readable checkpoint
+    (empty string when it looks like a complete one)."""
+    size = osp.getsize(filename)
+    if size == 0:
+        return 'the file is empty (0 bytes)'
+    with open(filename, 'rb') as f:
+        head = f.read(4)
+    if head.startswith(b'PK'):
+        if not zipfile.is_zipfile(filename):
+            return (f'the zip archive is incomplete ({size} bytes; truncated '
+                    'by an interrupted download or save?)')
+        return ''
+    if head.startswith(b'\x80'):
+        return ''  # a legacy (non-zip) torch.save pickle
+    return (f'it is not a PyTorch checkpoint (neither a zip archive nor a '
+            f'pickle; {size} bytes starting with {head!r})')
+
+
+def read_checkpoint(filename: str, map_location: str = 'cpu') -> dict:
+    """Load a checkpoint file with mmengine's ``CheckpointLoader``, with
+    errors that name the file.
+
+    * a missing file: ``FileNotFoundError``;
+    * a file holding pickled objects outside the allow-list (code): the
+      loader's refusal (:class:`mmbiformer.utils.UnsafeCheckpointError`
+      once :mod:`mmbiformer` is imported) is re-raised unchanged;
+    * an empty, truncated or non-checkpoint file:
+      :class:`CorruptCheckpointError` saying which.
+    """
+    from mmengine.runner.checkpoint import _load_checkpoint
+
+    try:
+        return _load_checkpoint(filename, map_location=map_location)
+    except FileNotFoundError:
+        raise
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
+            pickle.UnpicklingError) as err:
+        local = osp.isfile(osp.expanduser(filename))
+        reason = _describe_unreadable(osp.expanduser(filename)) \
+            if local else ''
+        if not reason:
+            if isinstance(err, pickle.UnpicklingError):
+                raise  # refused as unsafe, or unreadable pickle data
+            reason = 'it could not be read'
+        raise CorruptCheckpointError(
+            f'Cannot load checkpoint {filename!r}: {reason}. Download or save '
+            f'it again. ({type(err).__name__}: {err})') from err
 
 
 def extract_state_dict(checkpoint: dict) -> Tuple[Dict[str, torch.Tensor],
@@ -219,13 +277,15 @@ def load_biformer_checkpoint(module: nn.Module,
         ``shape_mismatch``, ``skipped_norms``, ``dropped``, ``renamed``).
     """
     from mmengine.logging import MMLogger, print_log
-    from mmengine.runner.checkpoint import _load_checkpoint
 
     if logger is None:
         logger = MMLogger.get_current_instance()
-    checkpoint = _load_checkpoint(filename, map_location=map_location)
-    state_dict, where = extract_state_dict(checkpoint)
-    mapped, info = backbone_state_dict(state_dict, prefix)
+    checkpoint = read_checkpoint(filename, map_location=map_location)
+    try:
+        state_dict, where = extract_state_dict(checkpoint)
+        mapped, info = backbone_state_dict(state_dict, prefix)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f'Checkpoint {filename!r}: {err}') from err
     skipped = _fit_output_norms(module, mapped)
 
     own = module.state_dict()
