@@ -1,0 +1,216 @@
+"""Export the BiFormer backbone with ``torch.export`` and to ONNX.
+
+Used by ``tools/deployment/export.py``. Two kinds of export:
+
+* static (default): the graph is traced at one input size and only accepts
+  that size (and batch size);
+* dynamic (``dynamic=True``): batch, height and width are symbolic, so one
+  exported program (or ONNX graph) serves many sizes. This needs
+  ``auto_pad=True`` (set on the backbone here): while exporting, every
+  routing attention pads its map to the region grid and crops back
+  unconditionally (possibly by zero), so the graph holds no branch on the
+  input size. The ``'fused'`` backend (what ``'auto'`` picks on the CPU)
+  sizes its chunks from the input shape, which would specialise the graph,
+  so dynamic exports use the ``'gather'`` backend (the same function, see
+  :mod:`mmbiformer.ops.functional`) unless another one is asked for.
+
+  ``torch.export`` records the sizes it proved the graph valid for in
+  :attr:`ExportedProgram.range_constraints` (e.g. height >= 113 for an
+  export at 224x224 with ``n_win=7``) and the exported program raises at
+  other sizes. The ONNX graph converted from it has no such checks; it was
+  verified to match eager at sizes below that range too (down to 32x32),
+  but verify the sizes you deploy at (``tools/deployment/export.py
+  --verify-shape``).
+
+ONNX export goes through ``torch.onnx.export(..., dynamo=True)`` and needs
+the ``onnx`` and ``onnxscript`` packages; verification uses
+``onnxruntime``.
+"""
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..ops import BiLevelRoutingAttention
+
+__all__ = [
+    'describe_ranges', 'export_backbone', 'max_abs_diff', 'prepare_for_export',
+    'run_exported', 'save_exported'
+]
+
+#: input name in exported ONNX graphs (the outputs are ``feat{i}`` for
+#: stage ``i``)
+INPUT_NAME = 'input'
+
+
+def prepare_for_export(backbone: nn.Module,
+                       dynamic: bool = False,
+                       backend: Optional[str] = None) -> Dict[str, object]:
+    """Put ``backbone`` in eval mode and choose its export settings.
+
+    Args:
+        backbone: a :class:`~.BiFormer`.
+        dynamic: prepare for a dynamic-shape export: turn on ``auto_pad``
+            and, unless ``backend`` is given, use the ``'gather'`` backend
+            when the current one is ``'auto'`` or ``'fused'``.
+        backend: attention backend to export with (default: keep the
+            backbone's, except as above).
+
+    Returns:
+        dict: what was changed (``auto_pad``, ``backend``: new values or
+        None when unchanged), for the caller to report.
+    """
+    backbone.eval()
+    changed: Dict[str, object] = dict(auto_pad=None, backend=None)
+    attns = [
+        m for m in backbone.modules()
+        if isinstance(m, BiLevelRoutingAttention)
+    ]
+    if dynamic and attns and not all(m.auto_pad for m in attns):
+        for m in attns:
+            m.auto_pad = True
+        if hasattr(backbone, 'auto_pad'):
+            backbone.auto_pad = True
+        changed['auto_pad'] = True
+    current = attns[0].backend if attns else None
+    if backend is None and dynamic and current in ('auto', 'fused'):
+        backend = 'gather'
+    if backend is not None and attns and backend != current:
+        backbone.attn_backend = backend
+        changed['backend'] = backend
+    return changed
+
+
+def export_backbone(backbone: nn.Module,
+                    height: int,
+                    width: int,
+                    batch: int = 1,
+                    dynamic: bool = False,
+                    in_channels: Optional[int] = None
+                    ) -> torch.export.ExportedProgram:
+    """``torch.export`` the backbone on a random ``(batch, C, H, W)`` input.
+
+    With ``dynamic=True`` the batch (any size >= 1), height and width are
+    symbolic; the example batch is then at least 2 (``torch.export``
+    specialises examples of size 0 and 1). Call :func:`prepare_for_export`
+    first.
+    """
+    channels = in_channels or getattr(backbone, 'in_channels', 3)
+    if dynamic:
+        batch = max(batch, 2)
+    x = torch.randn(batch, channels, height, width)
+    dynamic_shapes = None
+    if dynamic:
+        dim = torch.export.Dim
+        dynamic_shapes = ({
+            0: dim('batch', min=1),
+            2: dim.DYNAMIC,
+            3: dim.DYNAMIC
+        }, )
+    with torch.no_grad():
+        return torch.export.export(
+            backbone, (x, ), dynamic_shapes=dynamic_shapes)
+
+
+def describe_ranges(program: torch.export.ExportedProgram) -> str:
+    """The input sizes an exported program accepts, e.g. ``'batch >= 1,
+    height >= 33, width >= 113'`` (``'static'`` without symbolic sizes)."""
+    inputs = [n for n in program.graph.nodes if n.op == 'placeholder'
+              and n.name in program.graph_signature.user_inputs]
+    if not inputs:
+        return 'static'
+    parts = []
+    shape = inputs[0].meta['val'].shape
+    for name, size in zip(('batch', 'channels', 'height', 'width'), shape):
+        if not isinstance(size, torch.SymInt):
+            continue
+        vr = program.range_constraints.get(size.node.expr)
+        if vr is None:
+            parts.append(f'{name} any')
+            continue
+        lower, upper = int(vr.lower), str(vr.upper)
+        if 'oo' in upper:  # sympy's / torch's infinity
+            parts.append(f'{name} >= {lower}')
+        else:
+            parts.append(f'{lower} <= {name} <= {upper}')
+    return ', '.join(parts) or 'static'
+
+
+def output_names(backbone: nn.Module) -> List[str]:
+    """``feat{i}`` for each stage in the backbone's ``out_indices``."""
+    indices = getattr(backbone, 'out_indices', None)
+    if indices is None:
+        return []
+    return [f'feat{i}' for i in indices]
+
+
+def save_exported(program: torch.export.ExportedProgram, path: str,
+                  fmt: str, backbone: Optional[nn.Module] = None,
+                  opset: int = 18) -> str:
+    """Write ``program`` as ``fmt`` ``'torch'`` (``torch.export.save``,
+    ``.pt2``) or ``'onnx'`` (one self-contained ``.onnx`` file)."""
+    if fmt == 'torch':
+        torch.export.save(program, path)
+        return path
+    if fmt != 'onnx':
+        raise ValueError(f"format must be 'torch' or 'onnx', got {fmt!r}")
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            'ONNX export needs the onnx and onnxscript packages (pip install '
+            'onnx onnxscript); --format torch needs neither') from err
+    names = output_names(backbone) if backbone is not None else None
+    torch.onnx.export(
+        program,
+        f=path,
+        dynamo=True,
+        opset_version=opset,
+        input_names=[INPUT_NAME],
+        output_names=names or None,
+        external_data=False,
+        verbose=False)
+    return path
+
+
+def run_exported(path: str, fmt: str,
+                 x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """Outputs of an exported file on ``x`` (ONNX through onnxruntime)."""
+    if fmt == 'torch':
+        program = torch.export.load(path)
+        with torch.no_grad():
+            return tuple(program.module()(x))
+    import onnxruntime as ort
+    session = _onnx_session(path, ort)
+    outs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    return tuple(torch.from_numpy(o) for o in outs)
+
+
+_SESSIONS: Dict[str, object] = {}
+
+
+def _onnx_session(path: str, ort):
+    import os
+    key = f'{path}:{os.path.getmtime(path)}'
+    if key not in _SESSIONS:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        _SESSIONS.clear()
+        _SESSIONS[key] = ort.InferenceSession(
+            path, options, providers=['CPUExecutionProvider'])
+    return _SESSIONS[key]
+
+
+def max_abs_diff(expected: Sequence[torch.Tensor],
+                 actual: Sequence[torch.Tensor]) -> float:
+    """Largest absolute difference over all outputs (inf on a shape or
+    count mismatch)."""
+    if len(expected) != len(actual):
+        return float('inf')
+    worst = 0.
+    for e, a in zip(expected, actual):
+        if tuple(e.shape) != tuple(a.shape):
+            return float('inf')
+        worst = max(worst, (e.float() - a.float()).abs().max().item()
+                    if e.numel() else 0.)
+    return worst
