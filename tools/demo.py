@@ -43,18 +43,18 @@ import make_demo_data  # noqa: E402
 TASKS = dict(
     cls=dict(
         config='configs/classification/biformer_t_in1k.py',
-        length=3, img_size=112, batch_size=32,
+        length=2, img_size=112, batch_size=16,
         metrics=[('accuracy/top1', 'top-1 (%)'),
                  ('accuracy/top5', 'top-5 (%)')]),
     det=dict(
         config='configs/detection/maskrcnn_biformer_s_coco.py',
-        length=2, img_size=128, batch_size=4,
+        length=1, img_size=128, batch_size=2,
         metrics=[('coco/bbox_mAP', 'box mAP'),
                  ('coco/segm_mAP', 'mask mAP'),
                  ('coco/bbox_mAP_50', 'box AP50')]),
     seg=dict(
         config='configs/segmentation/semfpn_biformer_s_ade20k.py',
-        length=150, img_size=128, batch_size=4,
+        length=200, img_size=64, batch_size=4,
         metrics=[('mIoU', 'mIoU (%)'), ('aAcc', 'pixel acc (%)')]),
 )
 NAMES = dict(cls='classification', det='detection', seg='segmentation')
@@ -70,7 +70,9 @@ def task_options(task, root, init_ckpt=None):
     opts = builtin_data_options(
         cfg, root=root, img_size=spec['img_size'], length=spec['length'],
         batch_size=spec['batch_size'], workers=2)
-    opts += ['model.backbone.arch=tiny', 'randomness.seed=0']
+    opts += ['model.backbone.arch=tiny', 'randomness.seed=0',
+             # evaluation by tools/test.py only (not twice)
+             f'train_cfg.val_interval={spec["length"] + 1}']
     if task != 'cls':
         opts.append('model.backbone.init_cfg.checkpoint=' + init_ckpt
                     if init_ckpt else 'model.backbone.init_cfg=None')

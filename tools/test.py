@@ -34,6 +34,13 @@ def parse_args(argv=None):
     return args
 
 
+def _plain(value):
+    """Metrics as JSON values (numpy scalars and arrays included)."""
+    if hasattr(value, 'tolist'):
+        return value.tolist()
+    return value
+
+
 def main(argv=None):
     args = parse_args(argv)
     cfg = launch.load_config(args.config, args.cfg_options)
@@ -50,8 +57,8 @@ def main(argv=None):
         os.makedirs(osp.dirname(osp.abspath(args.metrics_out)),
                     exist_ok=True)
         with open(args.metrics_out, 'w') as f:
-            json.dump({k: float(v) if isinstance(v, (int, float)) else v
-                       for k, v in metrics.items()}, f, indent=1)
+            json.dump({k: _plain(v) for k, v in metrics.items()}, f,
+                      indent=1)
     return metrics
 
 

@@ -157,6 +157,8 @@ def _init_cpu_process_group(cfg: Config) -> None:
     backend = cfg.get('env_cfg', {}).get('dist_cfg', {}).get(
         'backend', 'gloo')
     dist.init_process_group(backend=backend)
+    _say(f'process group: {dist.get_world_size()} processes, backend '
+         f'{dist.get_backend()}')
 
 
 def build_runner(cfg: Config):
