@@ -101,6 +101,24 @@ def _math_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def _index_add(dst: Tensor, rows: Tensor, src: Tensor) -> None:
+    """``dst.index_add_(0, rows, src)``, single-threaded on the CPU.
+
+    torch's multi-threaded CPU ``index_add_`` with repeated rows is about
+    100x slower than the single-threaded one for these small row blocks
+    (measured with 2 threads: 108 ms vs 1 ms per chunk).
+    """
+    if dst.device.type != 'cpu' or torch.get_num_threads() == 1:
+        dst.index_add_(0, rows, src)
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        dst.index_add_(0, rows, src)
+    finally:
+        torch.set_num_threads(n)
+
+
 def _group_index(topk_index: Tensor, heads: int, s: int, tk: int,
                  key_mask: Optional[Tensor]
                  ) -> Tuple[Tensor, Optional[Tensor]]:
@@ -208,9 +226,9 @@ class BRAFusedAttention(torch.autograd.Function):
             if dq is not None:
                 dq[:, g0:g1] = dq_c
             if dk is not None:
-                dk.index_add_(0, rows, dk_c.reshape(-1, tk, d).to(acc))
+                _index_add(dk, rows, dk_c.reshape(-1, tk, d).to(acc))
             if dvv is not None:
-                dvv.index_add_(0, rows, dv_c.reshape(-1, tk, dv).to(acc))
+                _index_add(dvv, rows, dv_c.reshape(-1, tk, dv).to(acc))
         dq = dq.view(b, h, r, tq, d) if dq is not None else None
         dk = dk.view(b, h, s, tk, d).to(q.dtype) if dk is not None else None
         if dvv is not None:

@@ -133,6 +133,7 @@ def worker(spec: Dict) -> Dict:
     res = dict(shape=spec['name'], backend=backend, device=str(device),
                fwd_ms=None, fwd_bwd_ms=None, peak_mem_mb=None,
                max_abs_err=None, status='ok', op=spec['op'],
+               omp_wait_policy=os.environ.get('OMP_WAIT_POLICY'),
                threads=torch.get_num_threads())
 
     def sync():
@@ -247,6 +248,11 @@ def run_one(spec: Dict, timeout: int) -> Dict:
     root = os.path.dirname(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))))
     env['PYTHONPATH'] = root + os.pathsep + env.get('PYTHONPATH', '')
+    # On a shared CPU, spinning OpenMP threads wait for a descheduled peer
+    # in every parallel region; the many small parallel ops of a backend
+    # then cost several times their work. Passive waiting (unless the
+    # caller chose a policy) keeps the comparison about the backends.
+    env.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
     base = {k: None for k in KEYS}
     base.update(shape=spec['name'], backend=spec['backend'],
                 device=spec['device'])
