@@ -115,9 +115,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.time()
     program = export_backbone(backbone, h, w, batch=args.batch,
                               dynamic=args.dynamic)
-    if args.dynamic:
+    if args.dynamic and args.format == 'torch':
         print(f'[export] input sizes the program accepts: '
               f'{describe_ranges(program)}')
+    elif args.dynamic:
+        print(f'[export] torch.export proved the graph for '
+              f'{describe_ranges(program)}; the ONNX graph does not check '
+              'sizes: verify the ones you deploy at (--verify-shape)')
     save_exported(program, args.out, args.format, backbone, args.opset)
     print(f'[export] wrote {args.out} ({args.format}, '
           f'{osp.getsize(args.out) / 2**20:.1f} MiB, '
