@@ -71,8 +71,9 @@ def select_backend(q: Tensor) -> str:
 
     * CUDA: ``'triton'`` if Triton is importable and the head dims are
       supported by the kernel, else ``'fused'``.
-    * otherwise (CPU): ``'fused'``; it was the fastest on every benchmark
-      shape (see ``docs/benchmarks.md``), and uses the least memory.
+    * otherwise (CPU): ``'fused'``: the least memory at every benchmark
+      shape and the fastest forward+backward at most of them (see
+      ``docs/benchmarks.md``).
     """
     if q.device.type == 'cuda' and triton_available(q.device):
         from .triton_bra import supports
