@@ -14,13 +14,15 @@ Used by ``tools/deployment/export.py``. Two kinds of export:
   so dynamic exports use the ``'gather'`` backend (the same function, see
   :mod:`mmbiformer.ops.functional`) unless another one is asked for.
 
-  ``torch.export`` records the sizes it proved the graph valid for in
-  :attr:`ExportedProgram.range_constraints` (e.g. height >= 113 for an
-  export at 224x224 with ``n_win=7``) and the exported program raises at
-  other sizes. The ONNX graph converted from it has no such checks; it was
-  verified to match eager at sizes below that range too (down to 32x32),
-  but verify the sizes you deploy at (``tools/deployment/export.py
-  --verify-shape``).
+  ``torch.export`` specialises a size of 1 (a region of one token per side
+  has other strides), so the exported program accepts inputs whose every
+  routing stage has regions of at least 2 tokens per side: sides of at
+  least :func:`min_dynamic_side` (113 with ``n_win=7``: 7 regions x stride
+  16 of the third stage, plus one) and it raises ("Guard failed") on
+  smaller ones; the example size must satisfy this too. The ONNX graph
+  converted from it has no such checks and was verified to match eager on
+  smaller inputs too (down to 32x32), but verify the sizes you deploy at
+  (``tools/deployment/export.py --verify-shape``).
 
 ONNX export goes through ``torch.onnx.export(..., dynamo=True)`` and needs
 the ``onnx`` and ``onnxscript`` packages; verification uses
@@ -34,8 +36,8 @@ import torch.nn as nn
 from ..ops import BiLevelRoutingAttention
 
 __all__ = [
-    'describe_ranges', 'export_backbone', 'max_abs_diff', 'prepare_for_export',
-    'run_exported', 'save_exported'
+    'describe_ranges', 'export_backbone', 'max_abs_diff', 'min_dynamic_side',
+    'prepare_for_export', 'run_exported', 'save_exported'
 ]
 
 #: input name in exported ONNX graphs (the outputs are ``feat{i}`` for
@@ -81,6 +83,17 @@ def prepare_for_export(backbone: nn.Module,
     return changed
 
 
+def min_dynamic_side(backbone: nn.Module) -> int:
+    """Smallest input side a dynamic ``torch.export`` program of
+    ``backbone`` accepts: every routing stage's regions must have at least
+    2 tokens per side (1 if the backbone has no routing stage)."""
+    topks = getattr(backbone, 'arch_settings', {}).get('topks', [])
+    stages = [i for i, k in enumerate(topks) if k > 0]
+    if not stages:
+        return 1
+    return backbone.n_win * 2**(max(stages) + 2) + 1
+
+
 def export_backbone(backbone: nn.Module,
                     height: int,
                     width: int,
@@ -98,6 +111,13 @@ def export_backbone(backbone: nn.Module,
     channels = in_channels or getattr(backbone, 'in_channels', 3)
     if dynamic:
         batch = max(batch, 2)
+        side = min_dynamic_side(backbone)
+        if min(height, width) < side:
+            raise ValueError(
+                f'a dynamic export needs an example of at least {side}x{side}'
+                f' (every routing stage with regions of 2+ tokens per side; '
+                f'n_win={backbone.n_win}), got {height}x{width}: the program '
+                f'would only accept sizes close to it')
     x = torch.randn(batch, channels, height, width)
     dynamic_shapes = None
     if dynamic:

@@ -14,6 +14,7 @@ from mmbiformer.models.export import (
     describe_ranges,
     export_backbone,
     max_abs_diff,
+    min_dynamic_side,
     prepare_for_export,
     run_exported,
     save_exported,
@@ -59,9 +60,21 @@ def test_export_torch_dynamic_rejects_sizes_outside_its_range(
         dynamic_export):
     """Outside the sizes torch.export proved it for, the program raises
     instead of returning something wrong."""
-    _, program = dynamic_export
-    with pytest.raises((AssertionError, RuntimeError), match='Guard failed'):
-        program.module()(torch.randn(1, 3, 32, 32))
+    model, program = dynamic_export
+    assert min_dynamic_side(model) == 113  # n_win 7 x stride 16, plus 1
+    module = program.module()
+    for h, w in [(32, 32), (112, 224), (224, 112)]:
+        with pytest.raises((AssertionError, RuntimeError),
+                           match='Guard failed'):
+            module(torch.randn(1, 3, h, w))
+    _check(model, lambda x: tuple(module(x)), [(1, 113, 113)])
+
+
+def test_export_dynamic_example_too_small_is_refused(mini_state):
+    model = make_mini(mini_state)
+    prepare_for_export(model, dynamic=True)
+    with pytest.raises(ValueError, match='at least 113x113'):
+        export_backbone(model, 112, 224, dynamic=True)
 
 
 def test_export_onnx_dynamic_matches_eager_at_two_sizes(

@@ -38,6 +38,7 @@ from mmbiformer.models.export import (
     describe_ranges,
     export_backbone,
     max_abs_diff,
+    min_dynamic_side,
     prepare_for_export,
     run_exported,
     save_exported,
@@ -115,13 +116,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.time()
     program = export_backbone(backbone, h, w, batch=args.batch,
                               dynamic=args.dynamic)
-    if args.dynamic and args.format == 'torch':
-        print(f'[export] input sizes the program accepts: '
-              f'{describe_ranges(program)}')
-    elif args.dynamic:
-        print(f'[export] torch.export proved the graph for '
-              f'{describe_ranges(program)}; the ONNX graph does not check '
-              'sizes: verify the ones you deploy at (--verify-shape)')
+    if args.dynamic:
+        side = min_dynamic_side(backbone)
+        print(f'[export] torch.export ranges: {describe_ranges(program)}; '
+              f'its guards also need both sides >= {side}')
+        if args.format == 'onnx':
+            print('[export] the ONNX graph does not check sizes (it matched '
+                  'eager below that size in our tests): verify the sizes '
+                  'you deploy at with --verify-shape')
     save_exported(program, args.out, args.format, backbone, args.opset)
     print(f'[export] wrote {args.out} ({args.format}, '
           f'{osp.getsize(args.out) / 2**20:.1f} MiB, '
@@ -148,7 +150,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             worst = float('inf')
             print(f'[export] input {name}: rejected by the exported program '
                   f'({str(err).strip().splitlines()[-1]}); it accepts '
-                  f'{describe_ranges(program)}')
+                  f'{describe_ranges(program)}, sides >= '
+                  f'{min_dynamic_side(backbone)}')
             continue
         diff = max_abs_diff(expected, actual)
         worst = max(worst, diff)
