@@ -20,16 +20,22 @@ OFFICIAL_PARAMS = {'tiny': 13_142_760, 'small': 25_536_232,
 
 
 def classifier(arch, backend: str = 'official'):
+    from mmengine.registry import DefaultScope
     from mmpretrain.registry import MODELS
     width = (768 if arch == 'base' else 512) if isinstance(
         arch, str) else arch['embed_dims'][-1]
-    return MODELS.build(
-        dict(
-            type='ImageClassifier',
-            backbone=dict(type='BiFormer', arch=arch, attn_backend=backend),
-            neck=dict(type='GlobalAveragePooling'),
-            head=dict(
-                type='LinearClsHead', num_classes=1000, in_channels=width)))
+    # another test may have left mmdet/mmseg as the current default scope,
+    # which would redirect the build to that toolbox's registry
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        return MODELS.build(
+            dict(
+                type='ImageClassifier',
+                backbone=dict(type='BiFormer', arch=arch,
+                              attn_backend=backend),
+                neck=dict(type='GlobalAveragePooling'),
+                head=dict(
+                    type='LinearClsHead', num_classes=1000,
+                    in_channels=width)))
 
 
 @pytest.fixture(scope='module')
