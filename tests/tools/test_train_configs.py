@@ -24,6 +24,7 @@ def one_iteration_options(cfg, root):
     scope = cfg.default_scope
     opts = builtin_data_options(cfg, root=root, img_size=SIZES[scope],
                                 length=1, workers=0, log_interval=1,
+                                n_train=2,
                                 batch_size=2)
     opts += [
         'model.backbone.init_cfg=None',
