@@ -49,6 +49,9 @@ TASKS = dict(
     det=dict(
         config='configs/detection/maskrcnn_biformer_s_coco.py',
         length=1, img_size=128, batch_size=2,
+        # half of the training images: 50 iterations (a Mask R-CNN step is
+        # the most expensive of the three on a CPU)
+        extra=['train_dataloader.dataset.indices=100'], n_train=100,
         metrics=[('coco/bbox_mAP', 'box mAP'),
                  ('coco/segm_mAP', 'mask mAP'),
                  ('coco/bbox_mAP_50', 'box AP50')]),
@@ -69,10 +72,12 @@ def task_options(task, root, init_ckpt=None):
     cfg = load_config(osp.join(REPO, spec['config']))
     opts = builtin_data_options(
         cfg, root=root, img_size=spec['img_size'], length=spec['length'],
-        batch_size=spec['batch_size'], workers=2)
+        batch_size=spec['batch_size'], workers=2,
+        n_train=spec.get('n_train'))
     opts += ['model.backbone.arch=tiny', 'randomness.seed=0',
              # evaluation by tools/test.py only (not twice)
              f'train_cfg.val_interval={spec["length"] + 1}']
+    opts += spec.get('extra', [])
     if task != 'cls':
         opts.append('model.backbone.init_cfg.checkpoint=' + init_ckpt
                     if init_ckpt else 'model.backbone.init_cfg=None')
