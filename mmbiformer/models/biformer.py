@@ -500,6 +500,9 @@ class BiFormer(BaseModule):
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """(N, C_in, H, W) -> tuple of (N, C_i, H_i, W_i), see class doc."""
         self._check_input(x)
+        # channels-last memory from the stem on: the blocks work on NHWC
+        # views (no permute copies) and the depthwise convs run faster
+        x = x.contiguous(memory_format=torch.channels_last)
         outs = []
         for i in range(self.num_stages):
             x = self.downsample_layers[i](x)
