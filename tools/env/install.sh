@@ -90,15 +90,23 @@ fi
 
 # 3. the rest of the stack and this package (editable), pinned in setup.cfg
 if "$PY" -c "import mmbiformer" 2>/dev/null && "$PY" - <<'PYEOF'
+import configparser
 import sys
 from importlib import metadata
-# every pin of setup.cfg (install_requires and both extras) must hold
+
 from packaging.requirements import Requirement
-reqs = metadata.requires('mmbiformer') or []
-for r in map(Requirement, reqs):
-    if r.marker and not any(r.marker.evaluate({'extra': e})
-                            for e in ('', 'openmmlab', 'tests')):
+
+# every pin of setup.cfg as it is now (install_requires and both extras)
+# must hold; the installed package's own metadata may be older
+cfg = configparser.ConfigParser()
+cfg.read('setup.cfg')
+lines = cfg['options']['install_requires'].splitlines()
+for extra in ('openmmlab', 'tests'):
+    lines += cfg['options.extras_require'][extra].splitlines()
+for line in filter(None, (ln.strip() for ln in lines)):
+    if line.startswith('#'):
         continue
+    r = Requirement(line)
     try:
         v = metadata.version(r.name)
     except metadata.PackageNotFoundError:
