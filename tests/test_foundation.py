@@ -150,6 +150,17 @@ class _Payload:
         return (open, (self.marker, 'w'))
 
 
+class _System:
+    """Pickles into a call of ``os.system``."""
+
+    def __init__(self, cmd):
+        self.cmd = cmd
+
+    def __reduce__(self):
+        import os
+        return (os.system, (self.cmd, ))
+
+
 def test_checkpoint_with_pickled_callable_is_refused(tmp_path):
     from mmengine.runner.checkpoint import _load_checkpoint
     marker = tmp_path / 'pwned'
@@ -159,7 +170,9 @@ def test_checkpoint_with_pickled_callable_is_refused(tmp_path):
     # plain pickle files fail torch's zip check; use torch.save's format too
     torch.save({'state_dict': {}, 'x': _Payload(str(marker))},
                tmp_path / 'evil_zip.pth')
-    expected = {evil: 'cannot read safely', tmp_path / 'evil_zip.pth': 'open'}
+    torch.save({'x': _System('true')}, tmp_path / 'evil_system.pth')
+    expected = {evil: 'cannot read safely', tmp_path / 'evil_zip.pth': 'open',
+                tmp_path / 'evil_system.pth': 'system'}
     for path, named in expected.items():
         with pytest.raises(UnsafeCheckpointError) as info:
             _load_checkpoint(str(path), map_location='cpu')

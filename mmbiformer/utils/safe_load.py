@@ -110,7 +110,8 @@ def _load_local_checkpoint(filename: str, map_location=None):
 
 def _refused_item(message: str) -> str:
     """Name what torch's weights-only unpickler refused, from its error."""
-    found = re.search(r'Unsupported global: GLOBAL ([\w.]+)', message)
+    found = re.search(
+        r'(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)', message)
     if found:
         return f'a pickled reference to `{found.group(1)}`'
     found = re.search(r'WeightsUnpickler error:\s*(.+)', message)
