@@ -29,6 +29,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .memory import proc_status_kb, reset_peak_rss
+
 __all__ = [
     'BenchmarkResult', 'parse_target', 'resolve_config_path', 'run_benchmark'
 ]
@@ -96,39 +98,18 @@ def _device_name(device: torch.device) -> str:
     return f'cpu ({platform.processor() or platform.machine()})'
 
 
-def _proc_status_mb(field: str) -> Optional[float]:
-    try:
-        with open('/proc/self/status') as f:
-            for line in f:
-                if line.startswith(field + ':'):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
-
-
 def _rss_mb() -> float:
-    rss = _proc_status_mb('VmRSS')
+    rss = proc_status_kb('VmRSS')
     if rss is None:
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    return rss
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's resident-set high-water mark (Linux)."""
-    try:
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')
-        return True
-    except OSError:
-        return False
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return rss / 1024.0
 
 
 def _peak_rss_mb() -> float:
-    peak = _proc_status_mb('VmHWM')
+    peak = proc_status_kb('VmHWM')
     if peak is None:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    return peak
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return peak / 1024.0
 
 
 def _build(path: str, overrides: dict):
@@ -241,7 +222,7 @@ def run_benchmark(target: str,
     sync()
     if dev.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(dev)
-    _reset_peak_rss()
+    reset_peak_rss()
     times: List[float] = []
     for _ in range(repeats):
         start = time.perf_counter()

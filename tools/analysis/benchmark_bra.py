@@ -49,6 +49,8 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+from mmbiformer.analysis.memory import proc_status_kb, reset_peak_rss
+
 STAGES = ((64, 2, 1, 4), (128, 4, 4, 8), (256, 8, 16, 16))
 PRESETS = {
     'cls': dict(img=(224, 224), n_win=7, batch=32),
@@ -85,29 +87,9 @@ def parse_shape(text: str) -> Dict:
 # ----------------------------------------------------------------- worker
 
 
-def _rss_kb(field: str) -> Optional[int]:
-    try:
-        with open('/proc/self/status') as f:
-            for line in f:
-                if line.startswith(field + ':'):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')
-        return True
-    except OSError:
-        return False
-
-
 def _limit_memory(limit_gb: float) -> None:
     """Cap the address space at the current size plus ``limit_gb``."""
-    vm = _rss_kb('VmSize')
+    vm = proc_status_kb('VmSize')
     if vm is None or limit_gb <= 0:
         return
     cap = vm * 1024 + int(limit_gb * 2**30)
@@ -180,15 +162,15 @@ def worker(spec: Dict) -> Dict:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         else:
-            reset = _reset_hwm()
-            base = _rss_kb('VmRSS') or 0
+            reset = reset_peak_rss()
+            base = proc_status_kb('VmRSS') or 0
         fn(xg).backward(g)
         sync()
         if device.type == 'cuda':
             peak = torch.cuda.max_memory_allocated() - base
             res['peak_mem_mb'] = round(peak / 2**20, 1)
         else:
-            hwm = _rss_kb('VmHWM') if reset else resource.getrusage(
+            hwm = proc_status_kb('VmHWM') if reset else resource.getrusage(
                 resource.RUSAGE_SELF).ru_maxrss
             res['peak_mem_mb'] = round((hwm - base) / 1024, 1)
         times = []
