@@ -16,6 +16,9 @@ This is the one place that registers
   ``mmengine.analysis``, so stock tools such as mmpretrain's
   ``get_flops.py`` (``get_model_complexity_info``) count them too. Handles
   the defaults already have are left alone;
+* the training hook :class:`mmbiformer.engine.RNGStateHook` (exact
+  ``--resume``) into mmengine's root ``HOOKS`` registry (by importing
+  :mod:`mmbiformer.engine`);
 * the classification model zoo into mmpretrain's model hub
   (:func:`mmbiformer.model_zoo.register_mmpretrain_models`), so that
   ``mmpretrain.list_models('*biformer*')`` and ``mmpretrain.get_model``
@@ -31,6 +34,7 @@ from typing import Dict, List
 from mmengine.registry import MODELS as MMENGINE_MODELS
 from mmengine.registry import Registry
 
+from . import engine  # noqa: F401  (registers RNGStateHook)
 from .models import BiFormer
 from .ops import BiLevelRoutingAttention
 

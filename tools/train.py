@@ -44,6 +44,7 @@ def main(argv=None):
     launch.setup_work_dir(cfg, args.work_dir, args.config)
     launch.setup_amp(cfg, args.amp)
     launch.setup_resume(cfg, args.resume)
+    launch.add_rng_state_hook(cfg)
     if args.auto_scale_lr:
         if 'auto_scale_lr' not in cfg or \
                 'base_batch_size' not in cfg.auto_scale_lr:

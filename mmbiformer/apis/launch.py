@@ -54,6 +54,18 @@ def setup_resume(cfg: Config, resume: Optional[str]) -> None:
         cfg.load_from = resume
 
 
+def add_rng_state_hook(cfg: Config) -> None:
+    """Add :class:`mmbiformer.engine.RNGStateHook` (generator states saved
+    with each checkpoint and restored by ``--resume``) unless the config
+    has it."""
+    hooks = list(cfg.get('custom_hooks') or [])
+    if any(h.get('type') in ('RNGStateHook', 'mmengine.RNGStateHook')
+           for h in hooks):
+        return
+    hooks.append(dict(type='RNGStateHook'))
+    cfg.custom_hooks = hooks
+
+
 def _optim_wrapper_type(cfg: Config) -> Optional[str]:
     ow = cfg.get('optim_wrapper')
     if ow is None:
@@ -106,7 +118,10 @@ def adapt_to_host(cfg: Config, launcher: str = 'none') -> Config:
       CUDA tensors; a single CPU process is unaffected, BN is what it
       computes anyway);
     * under a launcher the process group uses gloo instead of NCCL and the
-      model is wrapped in DistributedDataParallel without device ids.
+      model is wrapped in DistributedDataParallel without device ids;
+      :class:`~mmbiformer.engine.SyncNormStatsHook` averages the BatchNorm
+      statistics over the ranks after every iteration (SyncBN's role), so
+      that all ranks hold identical weights and buffers.
     """
     cfg.launcher = launcher
     if torch.cuda.is_available():
@@ -143,6 +158,15 @@ def adapt_to_host(cfg: Config, launcher: str = 'none') -> Config:
         wrapper.setdefault('find_unused_parameters',
                            cfg.get('find_unused_parameters', False))
         cfg.model_wrapper_cfg = wrapper
+        # BN (also where it replaced SyncBN) updates its running statistics
+        # per rank: average them over the ranks after every iteration
+        hooks = list(cfg.get('custom_hooks') or [])
+        if not any(h.get('type') == 'SyncNormStatsHook' for h in hooks):
+            hooks.append(dict(type='SyncNormStatsHook'))
+            cfg.custom_hooks = hooks
+            _say('CUDA is not available: BatchNorm running statistics are '
+                 'averaged over the processes after every iteration '
+                 '(SyncNormStatsHook) in place of SyncBN')
     return cfg
 
 

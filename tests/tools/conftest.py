@@ -29,9 +29,11 @@ def tool_env():
     return env
 
 
-def run(cmd, timeout=900, cwd=REPO, check=True):
-    """Run a command from the repository root; on failure show its end."""
-    proc = subprocess.run(cmd, cwd=cwd, env=tool_env(), timeout=timeout,
+def run(cmd, timeout=900, cwd=REPO, check=True, env=None):
+    """Run a command from the repository root; on failure show its end.
+    ``env``: variables added to :func:`tool_env`'s."""
+    proc = subprocess.run(cmd, cwd=cwd, env=dict(tool_env(), **(env or {})),
+                          timeout=timeout,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
     if check and proc.returncode != 0:
