@@ -8,6 +8,8 @@ are made of ``aten::matmul`` calls that are counted automatically (the
 in the trace as single nodes named
 
 * ``prim::PythonOp.BRAFusedAttention`` (``fused``)
+* ``prim::PythonOp.BRATokenDenseAttention`` (``fused``, dense mode in
+  token order)
 * ``prim::PythonOp.BRATritonAttention`` (``triton``)
 
 Register :func:`bra_flop_jit` as the handle for both so that every backend
@@ -26,6 +28,7 @@ __all__ = ['BRA_JIT_OP_NAMES', 'bra_attention_flops', 'bra_flop_jit',
            'bra_routing_flops']
 
 BRA_JIT_OP_NAMES = ('prim::PythonOp.BRAFusedAttention',
+                    'prim::PythonOp.BRATokenDenseAttention',
                     'prim::PythonOp.BRATritonAttention')
 
 
@@ -57,8 +60,14 @@ def bra_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
 
     ``inputs`` are the JIT values of ``apply(q, k, v, topk_index, ...)``:
     q ``(B, h, R, Tq, d)``, k ``(B, h, S, Tk, d)``, v ``(B, h, S, Tk, dv)``,
-    topk_index ``(B, R, K)``.
+    topk_index ``(B, R, K)``; or, token order (self-attention, ``S = R``),
+    q ``(B, h, L, d)``, k ``(B, h, L, d)``, v ``(B, h, L, dv)``.
     """
     q, k, v, idx = (_sizes(x) for x in inputs[:4])
+    if len(q) == 4:
+        b, h, lq, d = q
+        r = idx[1]
+        return bra_attention_flops(b, h, r, lq // r, k[2] // r, idx[2], d,
+                                   v[3])
     b, h, r, tq, d = q
     return bra_attention_flops(b, h, r, tq, k[3], idx[2], d, v[4])

@@ -25,8 +25,20 @@ regions that were not routed (and on masked keys): the same function, at
 most ``DENSE_MAX_RATIO`` times the FLOPs, no top-k copies (measured on 2
 threads, BiFormer-S stage 3, batch 8: 133 -> 49 ms forward + backward).
 
-The autograd function is :class:`BRAFusedAttention` (a stable name for FLOP
-counters; see :mod:`mmbiformer.ops.flops`).
+Token order: the dense mode does not need the queries grouped by region at
+all. :class:`~mmbiformer.ops.BiLevelRoutingAttention` then calls
+:func:`token_dense_attention` on views of its ``qkv`` output in the map's
+own token order (``(N, h, L, d)`` with strides, no copy), with the routing
+mask expanded per token pair; the flash kernel's output, laid out
+``(N, L, h, d)`` in memory, is already the ``(N, H, W, C)`` map. That
+saves the head-by-region rearrangement of q, k, v and of the output, and
+their copies in backward (measured on 2 threads, BiFormer-S, batch 8,
+224x224: the 18 third-stage blocks, forward + backward, see
+``docs/benchmarks.md``).
+
+The autograd functions are :class:`BRAFusedAttention` and
+:class:`BRATokenDenseAttention` (stable names for FLOP counters; see
+:mod:`mmbiformer.ops.flops`).
 """
 from __future__ import annotations
 
@@ -37,7 +49,8 @@ from torch import Tensor
 
 from .routing import RegionGraph
 
-__all__ = ['BRAFusedAttention', 'fused_attention', 'CHUNK_ELEMS']
+__all__ = ['BRAFusedAttention', 'BRATokenDenseAttention', 'CHUNK_ELEMS',
+           'fused_attention', 'token_dense_attention', 'use_token_dense']
 
 #: Upper bound on the elements of one chunk's gathered K/V plus attention
 #: matrix (about 32 MB of float32 with the default).
@@ -78,6 +91,91 @@ def _use_dense(q: Tensor, k: Tensor, v: Tensor, topk: int) -> bool:
     return (q.device.type == 'cpu' and q.dtype in _FLASH_DTYPES
             and q.shape[-1] == v.shape[-1] and _flash_ops() is not None
             and s <= DENSE_MAX_RATIO * topk and s * tk <= DENSE_MAX_KEYS)
+
+
+def use_token_dense(q: Tensor, v: Tensor, regions: int, tokens: int,
+                    topk: int, heads: int) -> bool:
+    """Whether the module may use :func:`token_dense_attention`: the dense
+    mode's conditions for ``regions`` key regions of ``tokens`` tokens, on
+    channels-last ``q`` ``(N, H, W, qk_dim)`` and ``v`` ``(N, H, W, dim)``
+    of equal head dims."""
+    return (q.device.type == 'cpu' and q.dtype in _FLASH_DTYPES
+            and q.shape[-1] == v.shape[-1] and q.shape[-1] % heads == 0
+            and _flash_ops() is not None
+            and regions <= DENSE_MAX_RATIO * topk
+            and regions * tokens <= DENSE_MAX_KEYS)
+
+
+def token_dense_bias(topk_index: Tensor, n_win: int, region_hw: Tuple[int,
+                                                                      int],
+                     dtype: torch.dtype,
+                     key_valid: Optional[Tensor] = None) -> Tensor:
+    """Additive mask ``(B, 1, L, L)`` over the tokens of a ``(n_win *
+    rh, n_win * rw)`` map in row-major order: 0 where the key token's
+    region is routed from the query token's region (and the key is valid:
+    ``key_valid`` ``(L,)`` bool), ``-inf`` elsewhere."""
+    b, r, _ = topk_index.shape
+    rh, rw = region_hw
+    dev = topk_index.device
+    routed = torch.full((b, r, r), float('-inf'), dtype=dtype, device=dev)
+    routed.scatter_(2, topk_index, 0.0)
+    rows = torch.arange(n_win * rh, device=dev) // rh
+    cols = torch.arange(n_win * rw, device=dev) // rw
+    region_of = (rows[:, None] * n_win + cols[None, :]).reshape(-1)
+    bias = routed.index_select(1, region_of).index_select(2, region_of)
+    if key_valid is not None:
+        bias = bias.masked_fill(~key_valid.view(1, 1, -1), float('-inf'))
+    return bias.unsqueeze(1)
+
+
+class BRATokenDenseAttention(torch.autograd.Function):
+    """Dense-mode BRA on token-order tensors (see the module docstring).
+
+    ``apply(q, k, v, topk_index, bias, scale)``: q/k ``(N, h, L, d)``, v
+    ``(N, h, L, dv)`` (any strides with a unit last stride), topk_index
+    ``(N, R, K)`` (only for FLOP counters), bias from
+    :func:`token_dense_bias`; returns ``(N, h, L, dv)``.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, topk_index: Tensor,
+                bias: Tensor, scale: float) -> Tensor:
+        out, lse = _flash_ops()[0](q, k, v, 0.0, False, attn_mask=bias,
+                                   scale=scale)
+        ctx.save_for_backward(q, k, v, bias, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, bias, out, lse = ctx.saved_tensors
+        dq, dk, dv = _flash_ops()[1](grad_out, q, k, v, out, lse, 0.0,
+                                     False, attn_mask=bias, scale=ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def token_dense_attention(q: Tensor, k: Tensor, v: Tensor,
+                          topk_index: Tensor, n_win: int, heads: int,
+                          scale: float,
+                          key_valid: Optional[Tensor] = None) -> Tensor:
+    """BRA attention of channels-last maps in token order.
+
+    q, k ``(N, H, W, qk_dim)``, v ``(N, H, W, dim)`` (views of the ``qkv``
+    output are fine), ``H``/``W`` multiples of ``n_win``, topk_index ``(N,
+    n_win**2, K)``; returns ``(N, H, W, dim)``, equal to the ``reference``
+    backend's result rearranged back to the map.
+    """
+    n, h, w, _ = q.shape
+    region_hw = (h // n_win, w // n_win)
+
+    def split_heads(t: Tensor) -> Tensor:
+        return t.view(n, h * w, heads, -1).transpose(1, 2)
+
+    bias = token_dense_bias(topk_index, n_win, region_hw, q.dtype, key_valid)
+    out = BRATokenDenseAttention.apply(split_heads(q), split_heads(k),
+                                       split_heads(v), topk_index, bias,
+                                       scale)
+    return out.transpose(1, 2).reshape(n, h, w, v.shape[-1])
 
 
 def _dense_bias(topk_index: Tensor, key_mask: Optional[Tensor], s: int,

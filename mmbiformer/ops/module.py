@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from .functional import BACKENDS, bra_attention
+from .functional import BACKENDS, bra_attention, select_backend
+from .fused_cpu import token_dense_attention, use_token_dense
 from .routing import region_mean, route
 
 __all__ = ['BiLevelRoutingAttention', 'QKVLinear']
@@ -162,45 +163,26 @@ class BiLevelRoutingAttention(nn.Module):
         rh, rw = hp // nw, wp // nw
 
         q, k, v = self.qkv(x)  # (N, Hp, Wp, c)
-
         m = self.num_heads
-
-        def heads_by_region(t: Tensor) -> Tensor:
-            # one copy: (N, Hp, Wp, m*c) -> (N, m, R, T, c)
-            return rearrange(t, 'n (j h) (i w) (m c) -> n m (j i) (h w) c',
-                             j=nw, i=nw, m=m).contiguous()
-
-        qh, kh, vh = heads_by_region(q), heads_by_region(k), heads_by_region(v)
-
-        token_mask = None
-        region_valid = None
-        if self.pad_mode == 'masked' and (always_pad or pad_b or pad_r):
-            valid = ((torch.arange(hp, device=x.device) < h_in)[:, None]
-                     & (torch.arange(wp, device=x.device) < w_in)[None, :])
-            token_mask = rearrange(valid, '(j h) (i w) -> (j i) (h w)', j=nw,
-                                   i=nw).unsqueeze(0)  # (1, R, T)
-            region_valid = token_mask.any(-1)  # (1, R)
-
-        with torch.no_grad():
-            # region means over tokens, all heads' channels: (N, R, qk_dim)
-            q_win = rearrange(region_mean(qh.flatten(0, 1), token_mask),
-                              '(n m) r c -> n r (m c)', m=m)
-            k_win = rearrange(region_mean(kh.flatten(0, 1), token_mask),
-                              '(n m) r c -> n r (m c)', m=m)
-            logits, topk_index = route(q_win, k_win, self.topk, self.scale,
-                                       region_valid)
-
-        key_mask = None
-        if token_mask is not None:
-            key_mask = token_mask.expand(n, -1, -1)
+        masked = self.pad_mode == 'masked' and (always_pad or pad_b or pad_r)
         backend = self.backend
         if backend == 'auto':
-            from .functional import select_backend
-            backend = select_backend(qh)
-        out = bra_attention(qh, kh, vh, topk_index, scale=self.scale,
-                            backend=backend, key_mask=key_mask)
-        out = rearrange(out, 'n m (j i) (h w) c -> n (j h) (i w) (m c)',
-                        j=nw, i=nw, h=rh, w=rw)
+            backend = select_backend(q)
+        if backend == 'fused' and not masked and use_token_dense(
+                q, v, nw * nw, rh * rw, self.topk, m):
+            # small map: dense masked attention in the map's token order
+            # (see mmbiformer.ops.fused_cpu), no region-major copies
+            with torch.no_grad():
+                q_win = q.reshape(n, nw, rh, nw, rw, -1).mean((2, 4))
+                k_win = k.reshape(n, nw, rh, nw, rw, -1).mean((2, 4))
+                logits, topk_index = route(q_win.flatten(1, 2),
+                                           k_win.flatten(1, 2), self.topk,
+                                           self.scale)
+            out = token_dense_attention(q, k, v, topk_index, nw, m,
+                                        self.scale)
+        else:
+            out, logits, topk_index = self._region_major(
+                q, k, v, backend, masked, n, h_in, w_in, hp, wp)
         if self.lepe is not None:
             lepe = self.lepe(v.permute(0, 3, 1, 2))
             out = out + lepe.permute(0, 2, 3, 1)
@@ -218,3 +200,46 @@ class BiLevelRoutingAttention(nn.Module):
                     n_win=nw, padded_hw=(hp, wp), region_hw=(rh, rw),
                     backend=backend)
         return out, info
+
+    def _region_major(self, q: Tensor, k: Tensor, v: Tensor, backend: str,
+                      masked: bool, n: int, h_in: int, w_in: int, hp: int,
+                      wp: int) -> Tuple[Tensor, Tensor, Tensor]:
+        """Routing and attention on region-major copies of q, k, v (every
+        backend; masked padding). Returns the ``(N, Hp, Wp, dim)`` output,
+        the routing logits and the top-k index."""
+        nw, m = self.n_win, self.num_heads
+        rh, rw = hp // nw, wp // nw
+
+        def heads_by_region(t: Tensor) -> Tensor:
+            # one copy: (N, Hp, Wp, m*c) -> (N, m, R, T, c)
+            return rearrange(t, 'n (j h) (i w) (m c) -> n m (j i) (h w) c',
+                             j=nw, i=nw, m=m).contiguous()
+
+        qh, kh, vh = heads_by_region(q), heads_by_region(k), heads_by_region(v)
+
+        token_mask = None
+        region_valid = None
+        if masked:
+            valid = ((torch.arange(hp, device=q.device) < h_in)[:, None]
+                     & (torch.arange(wp, device=q.device) < w_in)[None, :])
+            token_mask = rearrange(valid, '(j h) (i w) -> (j i) (h w)', j=nw,
+                                   i=nw).unsqueeze(0)  # (1, R, T)
+            region_valid = token_mask.any(-1)  # (1, R)
+
+        with torch.no_grad():
+            # region means over tokens, all heads' channels: (N, R, qk_dim)
+            q_win = rearrange(region_mean(qh.flatten(0, 1), token_mask),
+                              '(n m) r c -> n r (m c)', m=m)
+            k_win = rearrange(region_mean(kh.flatten(0, 1), token_mask),
+                              '(n m) r c -> n r (m c)', m=m)
+            logits, topk_index = route(q_win, k_win, self.topk, self.scale,
+                                       region_valid)
+
+        key_mask = None
+        if token_mask is not None:
+            key_mask = token_mask.expand(n, -1, -1)
+        out = bra_attention(qh, kh, vh, topk_index, scale=self.scale,
+                            backend=backend, key_mask=key_mask)
+        out = rearrange(out, 'n m (j i) (h w) c -> n (j h) (i w) (m c)',
+                        j=nw, i=nw, h=rh, w=rw)
+        return out, logits, topk_index
