@@ -162,7 +162,8 @@ class BiLevelRoutingAttention(nn.Module):
         hp, wp = h_in + pad_b, w_in + pad_r
         rh, rw = hp // nw, wp // nw
 
-        q, k, v = self.qkv(x)  # (N, Hp, Wp, c)
+        qkv = self.qkv.qkv(x)  # (N, Hp, Wp, 2 * qk_dim + dim)
+        q, k, v = qkv.split([self.qk_dim, self.qk_dim, self.dim], dim=-1)
         m = self.num_heads
         masked = self.pad_mode == 'masked' and (always_pad or pad_b or pad_r)
         backend = self.backend
@@ -173,10 +174,13 @@ class BiLevelRoutingAttention(nn.Module):
             # small map: dense masked attention in the map's token order
             # (see mmbiformer.ops.fused_cpu), no region-major copies
             with torch.no_grad():
-                q_win = q.reshape(n, nw, rh, nw, rw, -1).mean((2, 4))
-                k_win = k.reshape(n, nw, rh, nw, rw, -1).mean((2, 4))
-                logits, topk_index = route(q_win.flatten(1, 2),
-                                           k_win.flatten(1, 2), self.topk,
+                # region means of q and k: one pooling pass over the
+                # channels-last qkv output
+                qk_win = F.avg_pool2d(
+                    qkv[..., :2 * self.qk_dim].permute(0, 3, 1, 2),
+                    (rh, rw)).permute(0, 2, 3, 1).reshape(n, nw * nw, -1)
+                q_win, k_win = qk_win.split(self.qk_dim, dim=-1)
+                logits, topk_index = route(q_win, k_win, self.topk,
                                            self.scale)
             out = token_dense_attention(q, k, v, topk_index, nw, m,
                                         self.scale)
