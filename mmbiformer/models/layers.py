@@ -45,13 +45,25 @@ class DropPath(nn.Module):
         super().__init__()
         self.drop_prob = float(drop_prob)
 
+    def sample_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample factors ``(N, 1, ..., 1)``: 0 (dropped) or
+        ``1 / (1 - drop_prob)`` (kept)."""
+        keep = 1. - self.drop_prob
+        shape = (x.shape[0], ) + (1, ) * (x.ndim - 1)
+        return x.new_empty(shape).bernoulli_(keep).div_(keep)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.drop_prob == 0. or not self.training:
             return x
-        keep = 1. - self.drop_prob
-        shape = (x.shape[0], ) + (1, ) * (x.ndim - 1)
-        mask = x.new_empty(shape).bernoulli_(keep)
-        return x * mask / keep
+        return x * self.sample_scale(x)
+
+    def add_to(self, residual: torch.Tensor,
+               x: torch.Tensor) -> torch.Tensor:
+        """``residual + self(x)`` in one pass over the data (one
+        ``addcmul`` instead of a multiply and an add)."""
+        if self.drop_prob == 0. or not self.training:
+            return residual + x
+        return torch.addcmul(residual, x, self.sample_scale(x))
 
     def extra_repr(self) -> str:
         return f'drop_prob={self.drop_prob}'
@@ -185,6 +197,11 @@ class BiFormerBlock(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(x)
         x = x.permute(0, 2, 3, 1)
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        x = self._add_branch(x, self.attn(self.norm1(x)))
+        x = self._add_branch(x, self.mlp(self.norm2(x)))
         return x.permute(0, 3, 1, 2)
+
+    def _add_branch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.drop_path, DropPath):
+            return self.drop_path.add_to(x, y)
+        return x + y

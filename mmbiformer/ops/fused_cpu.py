@@ -169,7 +169,7 @@ def token_dense_attention(q: Tensor, k: Tensor, v: Tensor,
     region_hw = (h // n_win, w // n_win)
 
     def split_heads(t: Tensor) -> Tensor:
-        return t.view(n, h * w, heads, -1).transpose(1, 2)
+        return t.view(n, h * w, heads, t.shape[-1] // heads).transpose(1, 2)
 
     bias = token_dense_bias(topk_index, n_win, region_hw, q.dtype, key_valid)
     out = BRATokenDenseAttention.apply(split_heads(q), split_heads(k),

@@ -178,7 +178,8 @@ class BiLevelRoutingAttention(nn.Module):
                 # channels-last qkv output
                 qk_win = F.avg_pool2d(
                     qkv[..., :2 * self.qk_dim].permute(0, 3, 1, 2),
-                    (rh, rw)).permute(0, 2, 3, 1).reshape(n, nw * nw, -1)
+                    (rh, rw)).permute(0, 2, 3, 1).reshape(n, nw * nw,
+                                                          2 * self.qk_dim)
                 q_win, k_win = qk_win.split(self.qk_dim, dim=-1)
                 logits, topk_index = route(q_win, k_win, self.topk,
                                            self.scale)
