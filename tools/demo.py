@@ -191,6 +191,12 @@ def main(argv=None):
           f'({time.time() - t0:.0f}s in all) ===')
     for task, result in results.items():
         print(metric_line(task, result))
+    if 'cls' in results:
+        n_cls = len(make_demo_data.SHAPES)
+        print(f'(chance: top-1 {100 / n_cls:.1f} % for the {n_cls} built-in '
+              'classes. Minutes of CPU training from scratch show the '
+              'pipeline end to end; the classifier and the detector need '
+              'far longer schedules to learn, see configs/README.md)')
     return 0
 
 
