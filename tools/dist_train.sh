@@ -10,28 +10,5 @@ if [ $# -lt 2 ]; then
     echo "usage: $0 CONFIG GPUS [ARGS...]" >&2
     exit 2
 fi
-CONFIG=$1
-GPUS=$2
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-PORT=${PORT:-29500}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-# Python: $PYTHON, else the project's .venv when it exists, else python3.
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [ -z "${PYTHON:-}" ]; then
-    if [ -x "$ROOT/.venv/bin/python" ]; then
-        PYTHON="$ROOT/.venv/bin/python"
-    else
-        PYTHON=python3
-    fi
-fi
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-
-exec "$PYTHON" -m torch.distributed.run \
-    --nnodes="$NNODES" \
-    --node_rank="$NODE_RANK" \
-    --master_addr="$MASTER_ADDR" \
-    --master_port="$PORT" \
-    --nproc_per_node="$GPUS" \
-    "$ROOT/tools/train.py" "$CONFIG" \
-    --launcher pytorch "${@:3}"
+source "$(dirname "${BASH_SOURCE[0]}")/launch_common.sh"
+torchrun_launch train.py "$2" "$1" "${@:3}"

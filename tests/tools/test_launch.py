@@ -48,6 +48,12 @@ def test_cpu_distributed_uses_gloo_and_cpu_ddp():
     assert w.type == 'MMDistributedDataParallel'
     assert w.device_ids is None  # a CPU module takes no device ids
     assert w.find_unused_parameters is True  # from the RetinaNet config
+    # BN statistics are averaged over the ranks in place of SyncBN
+    assert [h['type'] for h in cfg.custom_hooks].count(
+        'SyncNormStatsHook') == 1
+    adapt_to_host(cfg, 'pytorch')  # idempotent
+    assert [h['type'] for h in cfg.custom_hooks].count(
+        'SyncNormStatsHook') == 1
 
 
 @no_cuda
