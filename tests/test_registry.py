@@ -7,17 +7,12 @@ import torch
 
 pytest.importorskip('mmengine')
 
+from mini_arch import MINI  # noqa: E402
+
 import mmbiformer  # noqa: E402,F401
 from mmbiformer import registry  # noqa: E402
 from mmbiformer.models import BiFormer  # noqa: E402
 from mmbiformer.ops import BiLevelRoutingAttention  # noqa: E402
-
-MINI = dict(
-    embed_dims=[32, 64, 128, 256],
-    depths=[1, 1, 2, 1],
-    head_dim=32,
-    mlp_ratios=[3, 3, 3, 3],
-    topks=[1, 4, 16, -2])
 
 TOOLBOXES = ['mmpretrain', 'mmdet', 'mmseg']
 

@@ -12,8 +12,7 @@ from mmbiformer.analysis.routing_vis import (
 from mmbiformer.models import BiFormer
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-MINI = dict(embed_dims=[32, 64, 128, 256], depths=[1, 1, 2, 1], head_dim=32,
-            mlp_ratios=[3, 3, 3, 3], topks=[1, 4, 16, -2])
+from mini_arch import MINI  # noqa: E402
 
 
 def test_token_attention_covers_exactly_the_routed_regions():

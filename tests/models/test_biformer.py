@@ -6,15 +6,10 @@ import torch.nn as nn
 pytest.importorskip('mmengine')
 pytest.importorskip('mmcv')
 
+from mini_arch import MINI  # noqa: E402
+
 from mmbiformer.models import BiFormer, LayerNorm2d  # noqa: E402
 from mmbiformer.ops import BACKENDS, triton_available  # noqa: E402
-
-MINI = dict(
-    embed_dims=[32, 64, 128, 256],
-    depths=[1, 1, 2, 1],
-    head_dim=32,
-    mlp_ratios=[3, 3, 3, 3],
-    topks=[1, 4, 16, -2])
 
 OFFICIAL_PARAMS = {'tiny': 13_142_760, 'small': 25_536_232,
                    'base': 56_804_968}

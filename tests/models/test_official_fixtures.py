@@ -37,12 +37,7 @@ pytestmark = pytest.mark.skipif(
     reason='official reference fixtures not found in ../shared/fixtures/'
     'official beside the repository root')
 
-MINI = dict(
-    embed_dims=[32, 64, 128, 256],
-    depths=[1, 1, 2, 1],
-    head_dim=32,
-    mlp_ratios=[3, 3, 3, 3],
-    topks=[1, 4, 16, -2])
+from mini_arch import MINI  # noqa: E402
 
 
 def load(name: str) -> dict:

@@ -10,15 +10,10 @@ import torch
 pytest.importorskip('mmengine')
 pytest.importorskip('mmcv')
 
+from mini_arch import MINI  # noqa: E402
+
 import mmbiformer  # noqa: E402,F401  (safe loading, registries)
 from mmbiformer.models import BiFormer  # noqa: E402
-
-MINI = dict(
-    embed_dims=[32, 64, 128, 256],
-    depths=[1, 1, 2, 1],
-    head_dim=32,
-    mlp_ratios=[3, 3, 3, 3],
-    topks=[1, 4, 16, -2])
 
 
 def make_mini(state=None, **kwargs) -> BiFormer:
