@@ -59,6 +59,7 @@ def main(argv=None):
         with open(args.metrics_out, 'w') as f:
             json.dump({k: _plain(v) for k, v in metrics.items()}, f,
                       indent=1)
+    launch.finish_distributed()
     return metrics
 
 

@@ -54,6 +54,7 @@ def main(argv=None):
     launch.adapt_to_host(cfg, args.launcher)
     runner = launch.build_runner(cfg)
     runner.train()
+    launch.finish_distributed()
 
 
 if __name__ == '__main__':

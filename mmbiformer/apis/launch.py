@@ -198,6 +198,22 @@ def build_runner(cfg: Config):
     return RUNNERS.build(cfg)
 
 
+def finish_distributed() -> None:
+    """End a distributed run cleanly: wait for every rank, then destroy
+    the process group.
+
+    Without this, the gloo group's worker threads are still alive when the
+    interpreter exits, and a rank can die with "terminate called without an
+    active exception" (SIGABRT) after a successful run, which makes the
+    launcher report the whole job as failed. Call it only after the work
+    succeeded on this rank (a failing rank must not wait at a barrier).
+    """
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 # ------------------------------------------------------------------- test
 _VIS_HOOKS = {
     # hook type -> (switch key, where the painted images go)
