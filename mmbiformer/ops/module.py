@@ -168,7 +168,8 @@ class BiLevelRoutingAttention(nn.Module):
         masked = self.pad_mode == 'masked' and (always_pad or pad_b or pad_r)
         backend = self.backend
         if backend == 'auto':
-            backend = select_backend(q)
+            # decided on the per-head layout (the head dim matters)
+            backend = select_backend(q.unflatten(-1, (m, self.qk_dim // m)))
         if backend == 'fused' and not masked and use_token_dense(
                 q, v, nw * nw, rh * rw, self.topk, m):
             # small map: dense masked attention in the map's token order

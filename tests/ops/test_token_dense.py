@@ -97,3 +97,20 @@ def test_counts_official_flops():
     official = traced_matmul_flops(m, x)
     m.backend = 'fused'
     assert traced_matmul_flops(m, x) == official
+
+
+def test_auto_decides_on_the_head_dim(monkeypatch):
+    """``auto`` is resolved on the per-head layout ``(..., heads,
+    head_dim)``: whether the Triton kernel supports a tensor depends on the
+    head dim (32 here), not on the total qk_dim (256)."""
+    from mmbiformer.ops import module
+    seen = []
+
+    def fake_select(q):
+        seen.append(tuple(q.shape))
+        return 'reference'
+    monkeypatch.setattr(module, 'select_backend', fake_select)
+    m = BiLevelRoutingAttention(256, num_heads=8, n_win=7, topk=4)
+    _, info = m(torch.randn(1, 14, 14, 256), return_routing=True)
+    assert seen == [(1, 14, 14, 8, 32)]
+    assert info['backend'] == 'reference'
