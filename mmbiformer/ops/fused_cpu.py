@@ -2,9 +2,10 @@
 
 Forward: the query regions are processed in chunks; for a chunk only its
 routed key/value blocks are gathered (``index_select`` on a flattened view,
-no ``expand``), attention runs on them (torch's fused CPU flash-attention
-kernel where available, else an explicit matmul/softmax), and only the
-output and the per-query log-sum-exp are kept.
+no ``expand``), attention runs on them (torch's CPU flash-attention kernel
+for long routed key sequences, else two matmuls and a softmax, see
+:data:`FLASH_MIN_KEYS`), and only the output and the per-query log-sum-exp
+are kept.
 
 Backward: per chunk the routed blocks are gathered again, the attention
 gradient is computed from the saved log-sum-exp (no softmax matrix is kept
