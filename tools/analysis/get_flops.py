@@ -74,15 +74,12 @@ def classifier_cfg(arch: str, num_classes: int, n_win: int,
 
 
 def build_from_config(path: str, cfg_options: Sequence[str]) -> nn.Module:
-    from mmengine.config import Config, DictAction
+    from mmengine.config import Config
     from mmengine.registry import MODELS, init_default_scope
 
+    from mmbiformer.apis.launch import parse_kv
     cfg = Config.fromfile(path)
-    if cfg_options:
-        action = DictAction(option_strings=[], dest='cfg_options')
-        ns = argparse.Namespace()
-        action(None, ns, list(cfg_options))
-        cfg.merge_from_dict(ns.cfg_options)
+    cfg.merge_from_dict(parse_kv(cfg_options))
     init_default_scope(cfg.get('default_scope', 'mmpretrain'))
     return MODELS.build(cfg.model)
 

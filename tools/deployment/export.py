@@ -81,13 +81,11 @@ def build_backbone(spec: str, n_win: int,
                    cfg_options: Sequence[str] = ()) -> BiFormer:
     """The backbone of config ``spec``, or ``BiFormer(arch=spec)``."""
     if spec.endswith('.py') or osp.isfile(spec):
-        from mmengine.config import Config, DictAction
+        from mmengine.config import Config
+
+        from mmbiformer.apis.launch import parse_kv
         cfg = Config.fromfile(spec)
-        if cfg_options:
-            action = DictAction(option_strings=[], dest='o')
-            ns = argparse.Namespace()
-            action(None, ns, list(cfg_options))
-            cfg.merge_from_dict(ns.o)
+        cfg.merge_from_dict(parse_kv(cfg_options))
         model = cfg.get('model') or {}
         bb = dict(model.get('backbone', model))
         if bb.get('type') != 'BiFormer':
