@@ -1,6 +1,7 @@
 """Fixtures of the tool tests: small built-in data, running the tools."""
 import os
 import os.path as osp
+import socket
 import subprocess
 import sys
 
@@ -40,3 +41,10 @@ def run(cmd, timeout=900, cwd=REPO, check=True, env=None):
         pytest.fail(f'{" ".join(cmd)} exited with {proc.returncode}:\n'
                     + proc.stdout[-6000:])
     return proc
+
+
+def free_port() -> str:
+    """A TCP port nobody listens on now (for a launcher's ``PORT``)."""
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return str(sock.getsockname()[1])

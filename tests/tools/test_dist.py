@@ -1,24 +1,17 @@
 """tools/dist_train.sh on CPU (gloo): two processes train and checkpoint;
 --resume continues from the latest checkpoint; tools/dist_test.sh
 evaluates with two processes."""
-import os
 import os.path as osp
 import re
-import socket
 
 import pytest
 import torch
-from conftest import REPO, run
+from conftest import REPO, free_port, run
 
 from mmbiformer.apis import builtin_data_options, load_config
 
 CONFIG = 'configs/segmentation/semfpn_biformer_s_ade20k.py'
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return str(s.getsockname()[1])
 
 
 def options(root, iters):
@@ -36,12 +29,9 @@ def options(root, iters):
 @pytest.mark.skipif(torch.cuda.is_available(), reason='CPU launch test')
 def test_dist_train_resume_and_test_on_cpu(demo_root, tmp_path):
     work = str(tmp_path / 'work')
-    os.environ['PORT'] = free_port()
-    try:
-        out = run(['bash', 'tools/dist_train.sh', CONFIG, '2', '--work-dir',
-                   work, '--cfg-options', *options(demo_root, 4)]).stdout
-    finally:
-        os.environ.pop('PORT')
+    out = run(['bash', 'tools/dist_train.sh', CONFIG, '2', '--work-dir',
+               work, '--cfg-options', *options(demo_root, 4)],
+              env=dict(PORT=free_port())).stdout
     assert 'distributed backend gloo' in out
     assert 'Distributed launcher: pytorch' in out
     assert 'process group: 2 processes, backend gloo' in out, out[-3000:]
@@ -53,13 +43,10 @@ def test_dist_train_resume_and_test_on_cpu(demo_root, tmp_path):
 
     # "crash" after iteration 4: --resume picks the latest checkpoint and
     # continues to iteration 6 without redoing 1..4
-    os.environ['PORT'] = free_port()
-    try:
-        out = run(['bash', 'tools/dist_train.sh', CONFIG, '2', '--work-dir',
-                   work, '--resume', '--cfg-options',
-                   *options(demo_root, 6)]).stdout
-    finally:
-        os.environ.pop('PORT')
+    out = run(['bash', 'tools/dist_train.sh', CONFIG, '2', '--work-dir',
+               work, '--resume', '--cfg-options',
+               *options(demo_root, 6)],
+              env=dict(PORT=free_port())).stdout
     assert re.search(r'resumed epoch: \d+, iter: 4', out), out[-3000:]
     assert 'Iter(train) [1/6]' not in out
     assert 'Iter(train) [5/6]' in out and 'Iter(train) [6/6]' in out
@@ -69,14 +56,11 @@ def test_dist_train_resume_and_test_on_cpu(demo_root, tmp_path):
     key = 'decode_head.conv_seg.weight'
     assert not torch.equal(ckpt['state_dict'][key], ckpt6['state_dict'][key])
 
-    os.environ['PORT'] = free_port()
-    try:
-        out = run(['bash', 'tools/dist_test.sh', CONFIG,
-                   osp.join(work, 'iter_6.pth'), '2', '--work-dir',
-                   str(tmp_path / 'test'), '--metrics-out',
-                   str(tmp_path / 'metrics.json'), '--cfg-options',
-                   *options(demo_root, 6)]).stdout
-    finally:
-        os.environ.pop('PORT')
+    out = run(['bash', 'tools/dist_test.sh', CONFIG,
+               osp.join(work, 'iter_6.pth'), '2', '--work-dir',
+               str(tmp_path / 'test'), '--metrics-out',
+               str(tmp_path / 'metrics.json'), '--cfg-options',
+               *options(demo_root, 6)],
+              env=dict(PORT=free_port())).stdout
     assert re.search(r'Iter\(test\).*mIoU', out), out[-3000:]
     assert osp.exists(tmp_path / 'metrics.json')

@@ -11,12 +11,11 @@
 import os
 import os.path as osp
 import signal
-import socket
 import subprocess
 
 import pytest
 import torch
-from conftest import REPO, run, tool_env
+from conftest import REPO, free_port, run, tool_env
 
 from mmbiformer.apis import builtin_data_options, load_config
 
@@ -29,11 +28,6 @@ pytestmark = [
     pytest.mark.skipif(torch.cuda.is_available(), reason='CPU launch test'),
 ]
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return str(s.getsockname()[1])
 
 
 def probe_config(tmp_path, **probe):
