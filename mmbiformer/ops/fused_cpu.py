@@ -94,24 +94,27 @@ DENSE_MAX_RATIO = 4
 DENSE_MAX_KEYS = 1024
 
 
-def _use_dense(q: Tensor, k: Tensor, v: Tensor, topk: int) -> bool:
-    s, tk = k.shape[2], k.shape[3]
+def _dense_applies(q: Tensor, v: Tensor, regions: int, tokens: int,
+                   topk: int) -> bool:
+    """The dense mode's conditions for ``regions`` key regions of
+    ``tokens`` tokens each (``q``/``v``: last dims are the channels)."""
     return (q.device.type == 'cpu' and q.dtype in _FLASH_DTYPES
             and q.shape[-1] == v.shape[-1] and _flash_ops() is not None
-            and s <= DENSE_MAX_RATIO * topk and s * tk <= DENSE_MAX_KEYS)
+            and regions <= DENSE_MAX_RATIO * topk
+            and regions * tokens <= DENSE_MAX_KEYS)
+
+
+def _use_dense(q: Tensor, k: Tensor, v: Tensor, topk: int) -> bool:
+    return _dense_applies(q, v, k.shape[2], k.shape[3], topk)
 
 
 def use_token_dense(q: Tensor, v: Tensor, regions: int, tokens: int,
                     topk: int, heads: int) -> bool:
     """Whether the module may use :func:`token_dense_attention`: the dense
-    mode's conditions for ``regions`` key regions of ``tokens`` tokens, on
-    channels-last ``q`` ``(N, H, W, qk_dim)`` and ``v`` ``(N, H, W, dim)``
-    of equal head dims."""
-    return (q.device.type == 'cpu' and q.dtype in _FLASH_DTYPES
-            and q.shape[-1] == v.shape[-1] and q.shape[-1] % heads == 0
-            and _flash_ops() is not None
-            and regions <= DENSE_MAX_RATIO * topk
-            and regions * tokens <= DENSE_MAX_KEYS)
+    mode's conditions on channels-last ``q`` ``(N, H, W, qk_dim)`` and
+    ``v`` ``(N, H, W, dim)`` of equal head dims."""
+    return q.shape[-1] % heads == 0 and _dense_applies(q, v, regions,
+                                                        tokens, topk)
 
 
 def token_dense_bias(topk_index: Tensor, n_win: int, region_hw: Tuple[int,
