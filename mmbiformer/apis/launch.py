@@ -54,16 +54,23 @@ def setup_resume(cfg: Config, resume: Optional[str]) -> None:
         cfg.load_from = resume
 
 
+def _add_custom_hook(cfg: Config, hook_type: str) -> bool:
+    """Append ``dict(type=hook_type)`` to ``custom_hooks`` unless the config
+    has that hook (also as ``mmengine.<type>``); True if it was added."""
+    hooks = list(cfg.get('custom_hooks') or [])
+    if any(h.get('type') in (hook_type, f'mmengine.{hook_type}')
+           for h in hooks):
+        return False
+    hooks.append(dict(type=hook_type))
+    cfg.custom_hooks = hooks
+    return True
+
+
 def add_rng_state_hook(cfg: Config) -> None:
     """Add :class:`mmbiformer.engine.RNGStateHook` (generator states saved
     with each checkpoint and restored by ``--resume``) unless the config
     has it."""
-    hooks = list(cfg.get('custom_hooks') or [])
-    if any(h.get('type') in ('RNGStateHook', 'mmengine.RNGStateHook')
-           for h in hooks):
-        return
-    hooks.append(dict(type='RNGStateHook'))
-    cfg.custom_hooks = hooks
+    _add_custom_hook(cfg, 'RNGStateHook')
 
 
 def _optim_wrapper_type(cfg: Config) -> Optional[str]:
@@ -160,10 +167,7 @@ def adapt_to_host(cfg: Config, launcher: str = 'none') -> Config:
         cfg.model_wrapper_cfg = wrapper
         # BN (also where it replaced SyncBN) updates its running statistics
         # per rank: average them over the ranks after every iteration
-        hooks = list(cfg.get('custom_hooks') or [])
-        if not any(h.get('type') == 'SyncNormStatsHook' for h in hooks):
-            hooks.append(dict(type='SyncNormStatsHook'))
-            cfg.custom_hooks = hooks
+        if _add_custom_hook(cfg, 'SyncNormStatsHook'):
             _say('CUDA is not available: BatchNorm running statistics are '
                  'averaged over the processes after every iteration '
                  '(SyncNormStatsHook) in place of SyncBN')
