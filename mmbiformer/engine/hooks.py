@@ -139,24 +139,22 @@ class RNGStateHook(Hook):
             return
         self._pending = states[get_rank()]
 
-    def before_train_epoch(self, runner) -> None:
-        if self._pending is None or not _epoch_based(runner):
-            return
-        done = restore_rng_state(self._pending)
+    def _restore_pending(self, parts) -> None:
+        done = restore_rng_state(self._pending, parts)
         self._pending = None
         print_log(f'RNGStateHook: restored the {"/".join(done)} generator '
                   'states of the checkpoint', logger='current')
 
+    def before_train_epoch(self, runner) -> None:
+        if self._pending is not None and _epoch_based(runner):
+            self._restore_pending(('torch', 'cuda', 'numpy', 'python'))
+
     def before_train_iter(self, runner, batch_idx: int,
                           data_batch=None) -> None:
-        if self._pending is None:
-            return
-        # iteration-based: after the data loader replay (numpy/random are
-        # where the replay leaves them, as in the uninterrupted run)
-        done = restore_rng_state(self._pending, parts=('torch', 'cuda'))
-        self._pending = None
-        print_log(f'RNGStateHook: restored the {"/".join(done)} generator '
-                  'states of the checkpoint', logger='current')
+        if self._pending is not None:
+            # iteration-based: after the data loader replay (numpy/random
+            # are where the replay leaves them, as in the uninterrupted run)
+            self._restore_pending(('torch', 'cuda'))
 
 
 def _epoch_based(runner) -> bool:
