@@ -47,9 +47,14 @@ class BenchmarkResult:
     peak_mem_mb: float
     device: str
     threads: int
+    #: torch.profiler table of one extra step (``profile_rows > 0``)
+    profile: Optional[str] = None
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if out['profile'] is None:
+            del out['profile']
+        return out
 
 
 def parse_target(target: str):
@@ -160,8 +165,14 @@ def run_benchmark(target: str,
                   img_size: int = 224,
                   warmup: int = 2,
                   repeats: int = 5,
-                  device: Optional[str] = None) -> BenchmarkResult:
-    """Measure one config in one mode; see the module docstring."""
+                  device: Optional[str] = None,
+                  profile_rows: int = 0) -> BenchmarkResult:
+    """Measure one config in one mode; see the module docstring.
+
+    With ``profile_rows > 0`` one more step runs under
+    ``torch.profiler`` after the timed ones, and the result's ``profile``
+    holds its ``profile_rows`` most expensive operators (self time).
+    """
     if mode not in ('infer', 'train'):
         raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
     dev = torch.device(device or ('cuda' if torch.cuda.is_available()
@@ -234,6 +245,7 @@ def run_benchmark(target: str,
     else:
         peak = _peak_rss_mb() - base_rss
     med = statistics.median(times)
+    table = _profile(step, sync, dev, profile_rows) if profile_rows else None
     return BenchmarkResult(
         config=target,
         mode=mode,
@@ -243,4 +255,20 @@ def run_benchmark(target: str,
         ms_per_iter=med * 1e3,
         peak_mem_mb=peak,
         device=_device_name(dev),
-        threads=torch.get_num_threads())
+        threads=torch.get_num_threads(),
+        profile=table)
+
+
+def _profile(step, sync, dev: torch.device, rows: int) -> str:
+    """Operator table (sorted by self time) of one ``step()``."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU]
+    key = 'self_cpu_time_total'
+    if dev.type == 'cuda':
+        activities.append(ProfilerActivity.CUDA)
+        key = 'self_cuda_time_total'
+    with profile(activities=activities) as prof:
+        step()
+        sync()
+    return prof.key_averages().table(sort_by=key, row_limit=rows,
+                                     max_name_column_width=48)

@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.dwconv import DepthwiseConv2d
+
 
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of an ``NCHW`` map.
@@ -117,12 +119,7 @@ class GlobalAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         if side_dwconv > 0:
-            self.lepe = nn.Conv2d(
-                dim,
-                dim,
-                kernel_size=side_dwconv,
-                padding=side_dwconv // 2,
-                groups=dim)
+            self.lepe = DepthwiseConv2d(dim, side_dwconv)
         else:
             self.lepe = None
 
@@ -174,12 +171,7 @@ class BiFormerBlock(nn.Module):
                  pos_embed_kernel: int = 3) -> None:
         super().__init__()
         if pos_embed_kernel > 0:
-            self.pos_embed = nn.Conv2d(
-                dim,
-                dim,
-                kernel_size=pos_embed_kernel,
-                padding=pos_embed_kernel // 2,
-                groups=dim)
+            self.pos_embed = DepthwiseConv2d(dim, pos_embed_kernel)
         else:
             self.pos_embed = None
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)

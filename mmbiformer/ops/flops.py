@@ -11,6 +11,8 @@ in the trace as single nodes named
 * ``prim::PythonOp.BRATokenDenseAttention`` (``fused``, dense mode in
   token order)
 * ``prim::PythonOp.BRATritonAttention`` (``triton``)
+* ``prim::PythonOp.BRACpuAttention`` (``cpu``, token order; the module
+  itself only takes this path outside JIT tracing)
 
 Register :func:`bra_flop_jit` as the handle for both so that every backend
 reports the same FLOPs as the official implementation, e.g.::
@@ -29,7 +31,8 @@ __all__ = ['BRA_JIT_OP_NAMES', 'bra_attention_flops', 'bra_flop_jit',
 
 BRA_JIT_OP_NAMES = ('prim::PythonOp.BRAFusedAttention',
                     'prim::PythonOp.BRATokenDenseAttention',
-                    'prim::PythonOp.BRATritonAttention')
+                    'prim::PythonOp.BRATritonAttention',
+                    'prim::PythonOp.BRACpuAttention')
 
 
 def bra_attention_flops(batch: int, heads: int, regions: int, q_tokens: int,

@@ -31,6 +31,11 @@ Backends:
   ``BRAFusedAttention``.
 * ``'triton'``: a Triton kernel (CUDA; CPU only under ``TRITON_INTERPRET=1``)
   custom autograd function ``BRATritonAttention``.
+* ``'cpu'``: the project's C++ CPU kernels (see :mod:`mmbiformer.ops.cpu_bra`
+  ); custom autograd function ``BRACpuAttention``. float32, head dims that
+  are multiples of 16, ``S == R`` a square number, no key mask; other inputs
+  (or a machine where the kernels cannot be built) run the ``'fused'``
+  backend.
 * ``'auto'``: see :func:`select_backend`.
 """
 from __future__ import annotations
@@ -47,7 +52,8 @@ from .routing import RegionGraph
 __all__ = ['BACKENDS', 'bra_attention', 'select_backend',
            'triton_available']
 
-BACKENDS = ('reference', 'official', 'gather', 'fused', 'triton', 'auto')
+BACKENDS = ('reference', 'official', 'gather', 'fused', 'triton', 'cpu',
+            'auto')
 
 
 def triton_available(device: Optional[torch.device] = None) -> bool:
@@ -71,14 +77,23 @@ def select_backend(q: Tensor) -> str:
 
     * CUDA: ``'triton'`` if Triton is importable and the head dims are
       supported by the kernel, else ``'fused'``.
-    * otherwise (CPU): ``'fused'``: the least memory at every benchmark
-      shape and the fastest forward+backward at most of them (see
-      ``docs/benchmarks.md``).
+    * CPU: ``'cpu'`` (the C++ kernels) for float32 inputs whose head dim is
+      a multiple of 16 where the kernels can be built, the fastest backend
+      at every BiFormer stage shape (see ``docs/benchmarks.md``); otherwise
+      ``'fused'``, the least memory of the torch-only backends.
+
+    ``q``'s last dim must be the head dim. (The ``'cpu'`` backend also
+    needs ``dv % 16 == 0``, ``S == R`` and no key mask; where they fail it
+    runs ``'fused'``.)
     """
     if q.device.type == 'cuda' and triton_available(q.device):
         from .triton_bra import supports
         if supports(q):
             return 'triton'
+    if q.device.type == 'cpu':
+        from .cpu_bra import cpu_backend_applies
+        if cpu_backend_applies(q, q, q.shape[-1], 16):
+            return 'cpu'
     return 'fused'
 
 
@@ -164,7 +179,12 @@ def bra_attention(q: Tensor, k: Tensor, v: Tensor,
         return _official(q, k, v, graph, scale)
     if backend == 'gather':
         return _gather(q, k, v, graph, scale)
-    if backend == 'fused':
+    if backend == 'cpu' and graph.key_mask is None:
+        from .cpu_bra import cpu_attention
+        out = cpu_attention(q, k, v, graph.topk_index, scale)
+        if out is not None:
+            return out
+    if backend in ('fused', 'cpu'):
         from .fused_cpu import fused_attention
         return fused_attention(q, k, v, graph, scale)
     from .triton_bra import triton_attention

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
+from .cpu_bra import cpu_backend_applies, token_cpu_attention
+from .dwconv import DepthwiseConv2d
 from .functional import BACKENDS, bra_attention, select_backend
 from .fused_cpu import token_dense_attention, use_token_dense
 from .routing import region_mean, route
@@ -117,9 +119,7 @@ class BiLevelRoutingAttention(nn.Module):
         self.qkv = QKVLinear(dim, qk_dim)
         self.wo = nn.Linear(dim, dim)
         if side_dwconv > 0:
-            self.lepe = nn.Conv2d(dim, dim, kernel_size=side_dwconv,
-                                  stride=1, padding=side_dwconv // 2,
-                                  groups=dim)
+            self.lepe = DepthwiseConv2d(dim, side_dwconv)
         else:
             self.lepe = None
 
@@ -170,22 +170,21 @@ class BiLevelRoutingAttention(nn.Module):
         if backend == 'auto':
             # decided on the per-head layout (the head dim matters)
             backend = select_backend(q.unflatten(-1, (m, self.qk_dim // m)))
+        token_order = None
+        if backend == 'cpu':
+            if not masked and cpu_backend_applies(q, v, self.qk_dim // m,
+                                                  self.dim // m):
+                token_order = token_cpu_attention
+            else:
+                backend = 'fused'
         if backend == 'fused' and not masked and use_token_dense(
                 q, v, nw * nw, rh * rw, self.topk, m):
             # small map: dense masked attention in the map's token order
             # (see mmbiformer.ops.fused_cpu), no region-major copies
-            with torch.no_grad():
-                # region means of q and k: one pooling pass over the
-                # channels-last qkv output
-                qk_win = F.avg_pool2d(
-                    qkv[..., :2 * self.qk_dim].permute(0, 3, 1, 2),
-                    (rh, rw)).permute(0, 2, 3, 1).reshape(n, nw * nw,
-                                                          2 * self.qk_dim)
-                q_win, k_win = qk_win.split(self.qk_dim, dim=-1)
-                logits, topk_index = route(q_win, k_win, self.topk,
-                                           self.scale)
-            out = token_dense_attention(q, k, v, topk_index, nw, m,
-                                        self.scale)
+            token_order = token_dense_attention
+        if token_order is not None:
+            logits, topk_index = self._route_token_order(qkv, n, rh, rw)
+            out = token_order(q, k, v, topk_index, nw, m, self.scale)
         else:
             out, logits, topk_index = self._region_major(
                 q, k, v, backend, masked, n, h_in, w_in, hp, wp)
@@ -206,6 +205,19 @@ class BiLevelRoutingAttention(nn.Module):
                     n_win=nw, padded_hw=(hp, wp), region_hw=(rh, rw),
                     backend=backend)
         return out, info
+
+    def _route_token_order(self, qkv: Tensor, n: int, rh: int,
+                           rw: int) -> Tuple[Tensor, Tensor]:
+        """Routing from the channels-last ``qkv`` output: region means of
+        q and k in one average-pooling pass, then :func:`route`."""
+        nw = self.n_win
+        with torch.no_grad():
+            qk_win = F.avg_pool2d(
+                qkv[..., :2 * self.qk_dim].permute(0, 3, 1, 2),
+                (rh, rw)).permute(0, 2, 3, 1).reshape(n, nw * nw,
+                                                      2 * self.qk_dim)
+            q_win, k_win = qk_win.split(self.qk_dim, dim=-1)
+            return route(q_win, k_win, self.topk, self.scale)
 
     def _region_major(self, q: Tensor, k: Tensor, v: Tensor, backend: str,
                       masked: bool, n: int, h_in: int, w_in: int, hp: int,

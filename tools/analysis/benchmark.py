@@ -47,6 +47,11 @@ def parse_args(argv=None):
                    help='print one JSON object per measurement')
     p.add_argument('--timeout', type=float, default=1800,
                    help='seconds allowed for one measurement')
+    p.add_argument('--profile', type=int, default=0, metavar='ROWS',
+                   help='after the timed iterations, profile one more step '
+                   '(torch.profiler) and print its ROWS most expensive '
+                   'operators; the timings are those of the unprofiled '
+                   'iterations')
     p.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -60,7 +65,8 @@ def worker(args):
     batch = args.infer_batch if mode == 'infer' else args.train_batch
     res = run_benchmark(args.configs[0], mode=mode, batch=batch,
                         img_size=args.img_size, warmup=args.warmup,
-                        repeats=args.repeats, device=args.device)
+                        repeats=args.repeats, device=args.device,
+                        profile_rows=args.profile)
     print('@@RESULT ' + json.dumps(res.as_dict()), flush=True)
 
 
@@ -69,7 +75,7 @@ def measure(args, config, mode):
            '--modes', mode, '--infer-batch', str(args.infer_batch),
            '--train-batch', str(args.train_batch), '--img-size',
            str(args.img_size), '--warmup', str(args.warmup), '--repeats',
-           str(args.repeats)]
+           str(args.repeats), '--profile', str(args.profile)]
     if args.threads:
         cmd += ['--threads', str(args.threads)]
     if args.device:
@@ -101,6 +107,10 @@ def main(argv=None):
         for mode in args.modes:
             for config in args.configs:
                 res = measure(args, config, mode)
+                table = res.pop('profile', None)
+                if table:
+                    print(f'\n[{mode}] {config}, round {rnd + 1}: operators '
+                          f'of one step by self time\n{table}', flush=True)
                 key = (mode, config)
                 if key not in best or res['img_per_s'] > \
                         best[key]['img_per_s']:

@@ -1,0 +1,446 @@
+// CPU kernels of mmbiformer (float32, channels-last).
+//
+// Built on first use by mmbiformer/ops/cpu_ext.py with
+// torch.utils.cpp_extension.load; every kernel has a pure-torch fallback.
+// Hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked
+// at run time (GCC target_clones), so one build runs on any x86-64 CPU.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MMB_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MMB_CLONES
+#endif
+
+namespace {
+
+// ---------------------------------------------------------------------------
+// Depthwise convolution, stride 1, padding k / 2: weight gradient.
+//
+// dw[c, i, j] = sum_{n, h, w} x[n, h + i - p, w + j - p, c] * g[n, h, w, c]
+// x, g: (N, H, W, C) with unit channel stride (any other strides).
+
+struct Strides4 {
+  int64_t n, h, w;
+};
+
+MMB_CLONES
+void dw_grad_row(const float* xp, const float* gp, float* acc, int64_t n,
+                 int64_t h, int64_t H, int64_t W, int64_t C, int64_t k,
+                 Strides4 xs, Strides4 gs) {
+  const int64_t p = k / 2;
+  const float* grow = gp + n * gs.n + h * gs.h;
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t hx = h + i - p;
+    if (hx < 0 || hx >= H) continue;
+    const float* xrow = xp + n * xs.n + hx * xs.h;
+    for (int64_t j = 0; j < k; ++j) {
+      float* a = acc + (i * k + j) * C;
+      const int64_t w0 = std::max<int64_t>(0, p - j);
+      const int64_t w1 = std::min<int64_t>(W, W + p - j);
+      for (int64_t w = w0; w < w1; ++w) {
+        const float* xv = xrow + (w + j - p) * xs.w;
+        const float* gv = grow + w * gs.w;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) a[c] += xv[c] * gv[c];
+      }
+    }
+  }
+}
+
+
+// ---------------------------------------------------------------------------
+// Bi-level routing attention on channels-last maps, in the map's token order.
+//
+// q, k: (N, L, h, d), v: (N, L, h, dv) views of (N, H, W, h * d) maps (any
+// strides, unit last stride), L = H * W, H = n_win * rh, W = n_win * rw,
+// d and dv multiples of 16. topk_index: (N, n_win ** 2, K) int64, regions in
+// row-major order. A query token of region r attends to the tokens of
+// regions topk_index[n, r, :] (key j = kk * rh * rw + ty * rw + tx is token
+// (ty, tx) of routed region kk):
+//   out = softmax(scale * q k^T) v,  lse = log-sum-exp of the logits.
+// Per (batch, query region, head) the routed keys/values are copied into
+// small cache-resident buffers; the products run in 4-query x 16-lane
+// register blocks (GCC vector extensions), the exponentials in a vectorised
+// exp (Cephes polynomial, about 1 ulp).
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+typedef int32_t i16 __attribute__((vector_size(64)));
+
+inline v16 load16(const float* p) { return *reinterpret_cast<const v16u*>(p); }
+inline void store16(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
+inline v16 splat(float x) { return v16{} + x; }
+
+inline v16 vexp(v16 x) {
+  const v16 lo = splat(-87.3f);
+  x = x < lo ? lo : x;
+  const float magic = 12582912.f;  // 1.5 * 2^23: round to nearest integer
+  const v16 t = x * 1.44269504088896341f + magic;
+  const v16 n = t - magic;
+  const i16 ni = reinterpret_cast<const i16&>(t) -
+                 reinterpret_cast<const i16&>(static_cast<const v16&>(
+                     splat(magic)));
+  const v16 r = x - n * 0.693359375f - n * -2.12194440e-4f;
+  v16 p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const i16 e = (ni + 127) << 23;
+  return p * reinterpret_cast<const v16&>(e);
+}
+
+inline float hsum(v16 x) {
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += x[i];
+  return s;
+}
+
+inline float hmax(v16 x) {
+  float m = x[0];
+  for (int i = 1; i < 16; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+constexpr int QB = 4;  // queries per register block
+
+// s_i[j] = scale * sum_c q_i[c] kt[c, j], j < nk16 (kt: (d, nk16))
+MMB_CLONES
+void logits4(const float* const* q, const float* kt, float* const* s,
+             int64_t d, int64_t nk16, float scale) {
+  for (int64_t jb = 0; jb < nk16; jb += 16) {
+    v16 a0{}, a1{}, a2{}, a3{};
+    const float* col = kt + jb;
+    for (int64_t c = 0; c < d; ++c) {
+      const v16 kv = load16(col + c * nk16);
+      a0 += q[0][c] * kv;
+      a1 += q[1][c] * kv;
+      a2 += q[2][c] * kv;
+      a3 += q[3][c] * kv;
+    }
+    store16(s[0] + jb, a0 * scale);
+    store16(s[1] + jb, a1 * scale);
+    store16(s[2] + jb, a2 * scale);
+    store16(s[3] + jb, a3 * scale);
+  }
+}
+
+// o_i[c] = inv_i * sum_{j < nk} p_i[j] vr[j, c]  (vr: (nk, dv))
+MMB_CLONES
+void wsum4(const float* const* p, const float* vr, float* const* o,
+           const float* inv, int64_t nk, int64_t dv) {
+  for (int64_t cb = 0; cb < dv; cb += 16) {
+    v16 a0{}, a1{}, a2{}, a3{};
+    for (int64_t j = 0; j < nk; ++j) {
+      const v16 vv = load16(vr + j * dv + cb);
+      a0 += p[0][j] * vv;
+      a1 += p[1][j] * vv;
+      a2 += p[2][j] * vv;
+      a3 += p[3][j] * vv;
+    }
+    store16(o[0] + cb, a0 * inv[0]);
+    store16(o[1] + cb, a1 * inv[1]);
+    store16(o[2] + cb, a2 * inv[2]);
+    store16(o[3] + cb, a3 * inv[3]);
+  }
+}
+
+// acc[j, c] += sum_i w_i[j] x_i[c], j < nk  (acc: (nk, c_dim))
+MMB_CLONES
+void rank4(float* acc, const float* const* w, const float* const* x,
+           int64_t nk, int64_t c_dim) {
+  for (int64_t cb = 0; cb < c_dim; cb += 16) {
+    const v16 x0 = load16(x[0] + cb), x1 = load16(x[1] + cb),
+              x2 = load16(x[2] + cb), x3 = load16(x[3] + cb);
+    for (int64_t j = 0; j < nk; ++j) {
+      float* a = acc + j * c_dim + cb;
+      store16(a, load16(a) + w[0][j] * x0 + w[1][j] * x1 + w[2][j] * x2 +
+                     w[3][j] * x3);
+    }
+  }
+}
+
+// s <- exp(s - shift) on j < nk, 0 on the padding; returns the sum
+MMB_CLONES
+float exp_shift(float* s, int64_t nk, int64_t nk16, float shift) {
+  v16 acc{};
+  for (int64_t jb = 0; jb < nk16; jb += 16) {
+    v16 e = vexp(load16(s + jb) - shift);
+    if (jb + 16 > nk)
+      for (int64_t i = nk - jb; i < 16; ++i) e[i] = 0.f;
+    store16(s + jb, e);
+    acc += e;
+  }
+  return hsum(acc);
+}
+
+float row_max(const float* s, int64_t nk) {
+  float m = s[0];
+  for (int64_t j = 1; j < nk; ++j) m = std::max(m, s[j]);
+  return m;
+}
+
+struct MapGeom {
+  int64_t H, W, nw, rh, rw, K;
+  int64_t token(int64_t region, int64_t t) const {
+    const int64_t ry = region / nw, rx = region % nw;
+    return (ry * rh + t / rw) * W + rx * rw + t % rw;
+  }
+};
+
+struct View4 {  // (N, L, h, c) strided view with unit channel stride
+  float* p;
+  int64_t sn, sl, sh;
+  float* at(int64_t n, int64_t l, int64_t hd) const {
+    return p + n * sn + l * sl + hd * sh;
+  }
+};
+
+View4 view4(const torch::Tensor& t) {
+  return View4{t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// Routed rows of one (batch, head): transposed (c, nk16) and/or row-major
+// (nk, c) copies; the transposed padding columns are zero.
+void gather_rows(const View4& src, const int64_t* routed, int64_t n,
+                 int64_t hd, const MapGeom& g, int64_t c_dim, int64_t nk16,
+                 float* tr, float* rows) {
+  const int64_t tq = g.rh * g.rw, nk = g.K * tq;
+  for (int64_t kk = 0; kk < g.K; ++kk) {
+    for (int64_t t = 0; t < tq; ++t) {
+      const int64_t j = kk * tq + t;
+      const float* s = src.at(n, g.token(routed[kk], t), hd);
+      if (tr)
+        for (int64_t c = 0; c < c_dim; ++c) tr[c * nk16 + j] = s[c];
+      if (rows) std::memcpy(rows + j * c_dim, s, c_dim * sizeof(float));
+    }
+  }
+  if (tr)
+    for (int64_t c = 0; c < c_dim; ++c)
+      for (int64_t j = nk; j < nk16; ++j) tr[c * nk16 + j] = 0.f;
+}
+
+void check_bra_inputs(const torch::Tensor& q, const torch::Tensor& k,
+                      const torch::Tensor& v, const torch::Tensor& idx,
+                      int64_t H, int64_t W, int64_t nw) {
+  TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.dim() == 4 &&
+                  v.size(0) == q.size(0) && v.size(1) == q.size(1) &&
+                  v.size(2) == q.size(2),
+              "bra: q, k must be (N, L, h, d) and v (N, L, h, dv)");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
+                  v.scalar_type() == at::kFloat,
+              "bra: float32 only");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
+              "bra: channels must be the innermost dim");
+  TORCH_CHECK(q.size(3) % 16 == 0 && v.size(3) % 16 == 0,
+              "bra: head dims must be multiples of 16");
+  TORCH_CHECK(H % nw == 0 && W % nw == 0 && q.size(1) == H * W,
+              "bra: the map must be n_win x n_win regions of H x W tokens");
+  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.is_contiguous() &&
+                  idx.dim() == 3 && idx.size(0) == q.size(0) &&
+                  idx.size(1) == nw * nw,
+              "bra: topk_index must be a contiguous (N, n_win**2, K) int64");
+}
+
+// Row pointers of query block t0..t0+QB of region r (rows past tq point to
+// `pad`, a zero row, or `sink`, a scratch row).
+struct Block {
+  const float* in[QB];
+  float* out[QB];
+  int64_t l[QB];
+  int nq;
+};
+
+}  // namespace
+
+// -> out (N, L, h, dv) contiguous, lse (N, h, L) float32
+std::vector<torch::Tensor> bra_forward(torch::Tensor q, torch::Tensor k,
+                                       torch::Tensor v, torch::Tensor idx,
+                                       int64_t H, int64_t W, int64_t nw,
+                                       double scale, bool need_lse) {
+  check_bra_inputs(q, k, v, idx, H, W, nw);
+  const int64_t N = q.size(0), L = q.size(1), nh = q.size(2), d = q.size(3);
+  const int64_t dv = v.size(3), R = nw * nw, K = idx.size(2);
+  const MapGeom g{H, W, nw, H / nw, W / nw, K};
+  const int64_t tq = g.rh * g.rw, nk = K * tq, nk16 = (nk + 15) / 16 * 16;
+  auto out = torch::empty({N, L, nh, dv}, q.options());
+  auto lse = need_lse ? torch::empty({N, nh, L}, q.options())
+                      : torch::empty({0}, q.options());
+  const View4 qv = view4(q), kv = view4(k), vv = view4(v), ov = view4(out);
+  float* lp = need_lse ? lse.data_ptr<float>() : nullptr;
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, N * R * nh, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> kt(d * nk16), vr(nk * dv), s(QB * nk16);
+    std::vector<float> pad(std::max(d, dv), 0.f), sink(dv);
+    float* srow[QB];
+    for (int i = 0; i < QB; ++i) srow[i] = s.data() + i * nk16;
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t hd = item % nh, r = (item / nh) % R, n = item / (nh * R);
+      const int64_t* routed = ip + (n * R + r) * K;
+      gather_rows(kv, routed, n, hd, g, d, nk16, kt.data(), nullptr);
+      gather_rows(vv, routed, n, hd, g, dv, nk16, nullptr, vr.data());
+      for (int64_t t0 = 0; t0 < tq; t0 += QB) {
+        const float* qrow[QB];
+        float* orow[QB];
+        float inv[QB], lse_b[QB];
+        for (int i = 0; i < QB; ++i) {
+          const bool real = t0 + i < tq;
+          const int64_t l = real ? g.token(r, t0 + i) : 0;
+          qrow[i] = real ? qv.at(n, l, hd) : pad.data();
+          orow[i] = real ? ov.at(n, l, hd) : sink.data();
+        }
+        logits4(qrow, kt.data(), srow, d, nk16, sc);
+        for (int i = 0; i < QB; ++i) {
+          const float m = row_max(srow[i], nk);
+          const float sum = exp_shift(srow[i], nk, nk16, m);
+          inv[i] = 1.f / sum;
+          lse_b[i] = m + std::log(sum);
+        }
+        wsum4(srow, vr.data(), orow, inv, nk, dv);
+        if (lp)
+          for (int i = 0; i < QB && t0 + i < tq; ++i)
+            lp[(n * nh + hd) * L + g.token(r, t0 + i)] = lse_b[i];
+      }
+    }
+  });
+  return {out, lse};
+}
+
+// -> dq (N, L, h, d), dk (N, L, h, d), dv (N, L, h, dv), contiguous
+std::vector<torch::Tensor> bra_backward(torch::Tensor grad_out,
+                                        torch::Tensor q, torch::Tensor k,
+                                        torch::Tensor v, torch::Tensor out,
+                                        torch::Tensor lse, torch::Tensor idx,
+                                        int64_t H, int64_t W, int64_t nw,
+                                        double scale) {
+  check_bra_inputs(q, k, v, idx, H, W, nw);
+  TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_out.stride(3) == 1 &&
+                  out.stride(3) == 1 && lse.is_contiguous(),
+              "bra_backward: grad_out/out must be (N, L, h, dv)");
+  const int64_t N = q.size(0), L = q.size(1), nh = q.size(2), d = q.size(3);
+  const int64_t dvd = v.size(3), R = nw * nw, K = idx.size(2);
+  const MapGeom g{H, W, nw, H / nw, W / nw, K};
+  const int64_t tq = g.rh * g.rw, nk = K * tq, nk16 = (nk + 15) / 16 * 16;
+  auto dq = torch::empty({N, L, nh, d}, q.options());
+  auto dk = torch::zeros({N, L, nh, d}, q.options());
+  auto dv = torch::zeros({N, L, nh, dvd}, q.options());
+  const View4 qv = view4(q), kv = view4(k), vv = view4(v), ov = view4(out),
+              gv = view4(grad_out), dqv = view4(dq), dkv = view4(dk),
+              dvv = view4(dv);
+  const float* lp = lse.data_ptr<float>();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  const float sc = static_cast<float>(scale);
+  // one (batch, head) per task: the routed regions of its query regions
+  // overlap, so dK/dV of a (batch, head) are accumulated by one thread
+  at::parallel_for(0, N * nh, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> kt(d * nk16), kr(nk * d), vt(dvd * nk16);
+    std::vector<float> p(QB * nk16), ds(QB * nk16);
+    std::vector<float> dk_loc(nk * d), dv_loc(nk * dvd);
+    std::vector<float> pad(std::max(d, dvd), 0.f), sink(d);
+    float* prow[QB];
+    float* dsrow[QB];
+    for (int i = 0; i < QB; ++i) {
+      prow[i] = p.data() + i * nk16;
+      dsrow[i] = ds.data() + i * nk16;
+    }
+    const float one = 1.f;
+    const float ones[QB] = {one, one, one, one};
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t hd = item % nh, n = item / nh;
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t* routed = ip + (n * R + r) * K;
+        gather_rows(kv, routed, n, hd, g, d, nk16, kt.data(), kr.data());
+        gather_rows(vv, routed, n, hd, g, dvd, nk16, vt.data(), nullptr);
+        std::fill(dk_loc.begin(), dk_loc.end(), 0.f);
+        std::fill(dv_loc.begin(), dv_loc.end(), 0.f);
+        for (int64_t t0 = 0; t0 < tq; t0 += QB) {
+          const float *qrow[QB], *gorow[QB];
+          float* dqrow[QB];
+          float delta[QB], lse_b[QB];
+          for (int i = 0; i < QB; ++i) {
+            const bool real = t0 + i < tq;
+            const int64_t l = real ? g.token(r, t0 + i) : 0;
+            qrow[i] = real ? qv.at(n, l, hd) : pad.data();
+            gorow[i] = real ? gv.at(n, l, hd) : pad.data();
+            dqrow[i] = real ? dqv.at(n, l, hd) : sink.data();
+            lse_b[i] = real ? lp[(n * nh + hd) * L + l] : 0.f;
+            float dl = 0.f;
+            if (real) {
+              const float* orow = ov.at(n, l, hd);
+              for (int64_t c = 0; c < dvd; ++c) dl += gorow[i][c] * orow[c];
+            }
+            delta[i] = dl;
+          }
+          logits4(qrow, kt.data(), prow, d, nk16, sc);
+          logits4(gorow, vt.data(), dsrow, dvd, nk16, 1.f);
+          for (int i = 0; i < QB; ++i) {
+            exp_shift(prow[i], nk, nk16, lse_b[i]);
+            float* dsi = dsrow[i];
+            const float* pi = prow[i];
+            for (int64_t j = 0; j < nk16; ++j)
+              dsi[j] = pi[j] * (dsi[j] - delta[i]) * sc;
+          }
+          wsum4(dsrow, kr.data(), dqrow, ones, nk, d);
+          rank4(dk_loc.data(), dsrow, qrow, nk, d);
+          rank4(dv_loc.data(), prow, gorow, nk, dvd);
+        }
+        for (int64_t kk = 0; kk < K; ++kk) {
+          for (int64_t t = 0; t < tq; ++t) {
+            const int64_t l = g.token(routed[kk], t), j = kk * tq + t;
+            float* dks = dkv.at(n, l, hd);
+            float* dvs = dvv.at(n, l, hd);
+            for (int64_t c = 0; c < d; ++c) dks[c] += dk_loc[j * d + c];
+            for (int64_t c = 0; c < dvd; ++c) dvs[c] += dv_loc[j * dvd + c];
+          }
+        }
+      }
+    }
+  });
+  return {dq, dk, dv};
+}
+
+// x, g: (N, H, W, C) float32, unit channel stride -> (C, 1, k, k)
+torch::Tensor dwconv_weight_grad(torch::Tensor x, torch::Tensor g,
+                                 int64_t k) {
+  TORCH_CHECK(x.dim() == 4 && g.sizes() == x.sizes(),
+              "dwconv_weight_grad: x and g must be (N, H, W, C) of one shape");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && g.scalar_type() == at::kFloat,
+              "dwconv_weight_grad: float32 only");
+  TORCH_CHECK(x.stride(3) == 1 && g.stride(3) == 1,
+              "dwconv_weight_grad: channels must be the innermost dim");
+  TORCH_CHECK(k % 2 == 1, "dwconv_weight_grad: odd kernel sizes only");
+  const int64_t N = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
+  const int64_t kk = k * k;
+  const Strides4 xs{x.stride(0), x.stride(1), x.stride(2)};
+  const Strides4 gs{g.stride(0), g.stride(1), g.stride(2)};
+  const float* xp = x.data_ptr<float>();
+  const float* gp = g.data_ptr<float>();
+  const int nt = at::get_num_threads();
+  auto partial = torch::zeros({nt, kk, C}, x.options());
+  float* pp = partial.data_ptr<float>();
+  at::parallel_for(0, N * H, 1, [&](int64_t r0, int64_t r1) {
+    float* acc = pp + at::get_thread_num() * kk * C;
+    for (int64_t r = r0; r < r1; ++r)
+      dw_grad_row(xp, gp, acc, r / H, r % H, H, W, C, k, xs, gs);
+  });
+  return partial.sum(0).t().reshape({C, 1, k, k}).contiguous();
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("dwconv_weight_grad", &dwconv_weight_grad,
+        "weight gradient of a stride-1 'same' depthwise conv (NHWC)");
+  m.def("bra_forward", &bra_forward,
+        "bi-level routing attention, token order (out, lse)");
+  m.def("bra_backward", &bra_backward,
+        "gradients (dq, dk, dv) of bra_forward");
+}

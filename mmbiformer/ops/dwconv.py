@@ -1,0 +1,108 @@
+"""``DepthwiseConv2d``: the depthwise convs of BiFormer (position embedding,
+LePE) with a faster CPU backward.
+
+A drop-in ``nn.Conv2d`` (same parameters, same forward call, so official
+checkpoints load and outputs are bit-identical). When a float32 CPU input
+needs gradients and the project's CPU kernels are built
+(:mod:`mmbiformer.ops.cpu_ext`), the forward runs inside
+:class:`DepthwiseConvFunction`, whose backward computes
+
+* the input gradient as the same depthwise conv of the output gradient with
+  the kernel flipped (oneDNN's fast forward path),
+* the weight gradient with a channels-last C++ kernel that reads the input
+  once per kernel row while the output-gradient row stays in cache (oneDNN's
+  depthwise weight gradient for 5x5 kernels was the slowest op of a
+  BiFormer-S training step: about 15 %, see ``docs/benchmarks.md``),
+* the bias gradient as a sum.
+
+The results equal ``nn.Conv2d``'s gradients to float rounding (the sums run
+in another order). Anything else (inference, other dtypes or devices, JIT
+tracing, ``torch.compile``/export, strides or paddings other than 1 and
+``k // 2``) calls ``nn.Conv2d.forward`` unchanged.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import cpu_ext
+
+__all__ = ['DepthwiseConv2d', 'DepthwiseConvFunction']
+
+
+class DepthwiseConvFunction(torch.autograd.Function):
+    """``apply(x, weight, bias, kernels)``: ``F.conv2d(x, weight, bias,
+    padding=k // 2, groups=C)`` with the backward described in the module
+    docstring (``kernels`` is the loaded :mod:`~.cpu_ext` module)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias, kernels) -> Tensor:
+        k = weight.shape[-1]
+        ctx.save_for_backward(x, weight)
+        ctx.kernels = kernels
+        ctx.has_bias = bias is not None
+        return F.conv2d(x, weight, bias, 1, k // 2, 1, weight.shape[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        x, weight = ctx.saved_tensors
+        k, c = weight.shape[-1], weight.shape[0]
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx = dw = db = None
+        if need_x:
+            dx = F.conv2d(grad_out, weight.flip([2, 3]), None, 1, k // 2, 1,
+                          c)
+        if need_w:
+
+            def nhwc(t: Tensor) -> Tensor:
+                if t.stride(1) != 1:
+                    t = t.contiguous(memory_format=torch.channels_last)
+                return t.permute(0, 2, 3, 1)
+
+            dw = ctx.kernels.dwconv_weight_grad(nhwc(x), nhwc(grad_out), k)
+        if need_b and ctx.has_bias:
+            db = grad_out.sum((0, 2, 3))
+        return dx, dw, db, None
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """Depthwise ``nn.Conv2d`` (``groups == in == out channels``, stride 1,
+    ``padding = kernel_size // 2``) with the faster CPU backward of
+    :class:`DepthwiseConvFunction` (see the module docstring).
+
+    Args:
+        channels (int): Channels ``C``.
+        kernel_size (int): Odd kernel size.
+        bias (bool): Learn a bias. Defaults to True.
+    """
+
+    def __init__(self, channels: int, kernel_size: int,
+                 bias: bool = True) -> None:
+        if kernel_size % 2 != 1:
+            raise ValueError(f'DepthwiseConv2d needs an odd kernel size, got '
+                             f'{kernel_size}')
+        super().__init__(channels, channels, kernel_size,
+                         padding=kernel_size // 2, groups=channels,
+                         bias=bias)
+
+    def _use_kernel(self, x: Tensor) -> bool:
+        return (torch.is_grad_enabled() and x.device.type == 'cpu'
+                and x.dtype == torch.float32
+                and self.weight.dtype == torch.float32
+                and (x.requires_grad or self.weight.requires_grad)
+                and not torch.jit.is_tracing()
+                and not torch.jit.is_scripting()
+                and not torch.compiler.is_compiling()
+                and x.dim() == 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._use_kernel(x):
+            kernels = cpu_ext.load()
+            if kernels is not None:
+                return DepthwiseConvFunction.apply(x, self.weight, self.bias,
+                                                   kernels)
+        return super().forward(x)
