@@ -73,7 +73,9 @@ class BiFormer(BaseModule):
             attention) or ``'masked'`` (padded tokens are ignored).
         attn_backend (str): Backend of the routing attention (``'auto'``,
             ``'reference'``, ``'official'``, ``'gather'``, ``'fused'``,
-            ``'triton'``); changeable later through :attr:`attn_backend`.
+            ``'triton'``, ``'cpu'``); changeable later through
+            :attr:`attn_backend`. ``'auto'`` takes the C++ kernels
+            (``'cpu'``) on the CPU and Triton on CUDA where they apply.
         norm_cfg (dict): Norm of the stem/downsampling convs and of the
             ``'bn'`` output norm. Defaults to ``dict(type='BN')``.
         frozen_stages (int): Stages (with their downsampling layers and

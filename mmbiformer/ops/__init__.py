@@ -4,7 +4,8 @@
   (parameters ``qkv.qkv``, ``wo``, ``lepe`` as in official checkpoints).
 * :func:`bra_attention`: the functional core (token attention over routed
   regions) with backends ``reference``, ``official``, ``gather``, ``fused``,
-  ``triton`` and ``auto``.
+  ``triton``, ``cpu`` (C++ kernels, :mod:`mmbiformer.ops.cpu_bra`) and
+  ``auto``.
 * :func:`route`, :func:`region_mean`, :class:`RegionGraph`: the region
   routing level and the reusable region graph.
 * :mod:`mmbiformer.ops.flops`: FLOP counts and a FLOP-counter handle.

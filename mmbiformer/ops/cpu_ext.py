@@ -12,6 +12,7 @@ install`` does this).
 """
 from __future__ import annotations
 
+import logging
 import os
 import os.path as osp
 import platform
@@ -34,6 +35,19 @@ def _enabled() -> bool:
     return os.environ.get(ENV_SWITCH, '1') != '0'
 
 
+def _builder():
+    # importing torch's extension builder on a machine without CUDA logs a
+    # warning about CUDA_HOME that does not concern a CPU-only build
+    logger = logging.getLogger('torch.utils.cpp_extension')
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils.cpp_extension import load as build
+    finally:
+        logger.setLevel(level)
+    return build
+
+
 def load(verbose: bool = False) -> Optional[ModuleType]:
     """The compiled module, or ``None`` (see the module docstring); the
     first failure is reported once as a warning with its cause."""
@@ -48,7 +62,7 @@ def load(verbose: bool = False) -> Optional[ModuleType]:
                 'Linux x86-64'
         else:
             try:
-                from torch.utils.cpp_extension import load as build
+                build = _builder()
                 module = build(
                     name='mmbiformer_cpu_kernels',
                     sources=[SOURCE],

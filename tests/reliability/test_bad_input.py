@@ -210,7 +210,7 @@ BUILD_ERRORS = [
      r'topks\[1\]=50 .*n_win\*\*2=49.*use n_win >= 8'),
     (dict(arch=MINI, attn_backend='cuda'),
      r"attn_backend='cuda' is not supported; choose one of \('reference', "
-     r"'official', 'gather', 'fused', 'triton', 'auto'\)"),
+     r"'official', 'gather', 'fused', 'triton', 'cpu', 'auto'\)"),
     (dict(arch=MINI, pad_mode='zeros'),
      r"pad_mode='zeros' is not supported; choose one of \('legacy', "
      r"'masked'\)"),

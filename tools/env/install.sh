@@ -120,4 +120,12 @@ else
     say "installing mmengine, mmdet, mmsegmentation, mmpretrain and mmbiformer (editable)"
     "${PIP[@]}" install -q --no-build-isolation -e ".[openmmlab,tests]"
 fi
+# 4. the project's C++ CPU kernels (mmbiformer/ops/csrc): torch builds and
+# caches them on first use anyway; building here keeps that out of the first
+# training step. A failure is not fatal: the pure-torch paths then run.
+if "$PY" -m mmbiformer.ops.cpu_ext >/dev/null 2>&1; then
+    say "mmbiformer C++ CPU kernels built"
+else
+    say "warning: the C++ CPU kernels could not be built; the slower pure-torch paths will run (see: $PY -m mmbiformer.ops.cpu_ext)"
+fi
 say "done: $("$PY" -c "import torch, mmcv, mmdet, mmseg, mmpretrain, mmengine; print(f'torch {torch.__version__}, mmengine {mmengine.__version__}, mmcv {mmcv.__version__}, mmdet {mmdet.__version__}, mmseg {mmseg.__version__}, mmpretrain {mmpretrain.__version__}')")"

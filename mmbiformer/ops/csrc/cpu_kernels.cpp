@@ -17,6 +17,8 @@
 #else
 #define MMB_CLONES
 #endif
+// helpers inlined into each clone, so they are compiled for its target
+#define MMB_INLINE inline __attribute__((always_inline))
 
 namespace {
 
@@ -74,11 +76,11 @@ typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
 typedef int32_t i16 __attribute__((vector_size(64)));
 
-inline v16 load16(const float* p) { return *reinterpret_cast<const v16u*>(p); }
-inline void store16(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
-inline v16 splat(float x) { return v16{} + x; }
+MMB_INLINE v16 load16(const float* p) { return *reinterpret_cast<const v16u*>(p); }
+MMB_INLINE void store16(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
+MMB_INLINE v16 splat(float x) { return v16{} + x; }
 
-inline v16 vexp(v16 x) {
+MMB_INLINE v16 vexp(v16 x) {
   const v16 lo = splat(-87.3f);
   x = x < lo ? lo : x;
   const float magic = 12582912.f;  // 1.5 * 2^23: round to nearest integer
@@ -99,13 +101,13 @@ inline v16 vexp(v16 x) {
   return p * reinterpret_cast<const v16&>(e);
 }
 
-inline float hsum(v16 x) {
+MMB_INLINE float hsum(v16 x) {
   float s = 0.f;
   for (int i = 0; i < 16; ++i) s += x[i];
   return s;
 }
 
-inline float hmax(v16 x) {
+MMB_INLINE float hmax(v16 x) {
   float m = x[0];
   for (int i = 1; i < 16; ++i) m = std::max(m, x[i]);
   return m;
@@ -114,8 +116,7 @@ inline float hmax(v16 x) {
 constexpr int QB = 4;  // queries per register block
 
 // s_i[j] = scale * sum_c q_i[c] kt[c, j], j < nk16 (kt: (d, nk16))
-MMB_CLONES
-void logits4(const float* const* q, const float* kt, float* const* s,
+MMB_INLINE void logits4(const float* const* q, const float* kt, float* const* s,
              int64_t d, int64_t nk16, float scale) {
   for (int64_t jb = 0; jb < nk16; jb += 16) {
     v16 a0{}, a1{}, a2{}, a3{};
@@ -135,8 +136,7 @@ void logits4(const float* const* q, const float* kt, float* const* s,
 }
 
 // o_i[c] = inv_i * sum_{j < nk} p_i[j] vr[j, c]  (vr: (nk, dv))
-MMB_CLONES
-void wsum4(const float* const* p, const float* vr, float* const* o,
+MMB_INLINE void wsum4(const float* const* p, const float* vr, float* const* o,
            const float* inv, int64_t nk, int64_t dv) {
   for (int64_t cb = 0; cb < dv; cb += 16) {
     v16 a0{}, a1{}, a2{}, a3{};
@@ -155,8 +155,7 @@ void wsum4(const float* const* p, const float* vr, float* const* o,
 }
 
 // acc[j, c] += sum_i w_i[j] x_i[c], j < nk  (acc: (nk, c_dim))
-MMB_CLONES
-void rank4(float* acc, const float* const* w, const float* const* x,
+MMB_INLINE void rank4(float* acc, const float* const* w, const float* const* x,
            int64_t nk, int64_t c_dim) {
   for (int64_t cb = 0; cb < c_dim; cb += 16) {
     const v16 x0 = load16(x[0] + cb), x1 = load16(x[1] + cb),
@@ -170,8 +169,7 @@ void rank4(float* acc, const float* const* w, const float* const* x,
 }
 
 // s <- exp(s - shift) on j < nk, 0 on the padding; returns the sum
-MMB_CLONES
-float exp_shift(float* s, int64_t nk, int64_t nk16, float shift) {
+MMB_INLINE float exp_shift(float* s, int64_t nk, int64_t nk16, float shift) {
   v16 acc{};
   for (int64_t jb = 0; jb < nk16; jb += 16) {
     v16 e = vexp(load16(s + jb) - shift);
@@ -183,15 +181,37 @@ float exp_shift(float* s, int64_t nk, int64_t nk16, float shift) {
   return hsum(acc);
 }
 
-float row_max(const float* s, int64_t nk) {
+MMB_INLINE float row_max(const float* s, int64_t nk) {
   float m = s[0];
-  for (int64_t j = 1; j < nk; ++j) m = std::max(m, s[j]);
+  int64_t j = 0;
+  if (nk >= 16) {
+    v16 acc = load16(s);
+    for (j = 16; j + 16 <= nk; j += 16) {
+      const v16 x = load16(s + j);
+      acc = acc > x ? acc : x;
+    }
+    m = hmax(acc);
+  }
+  for (; j < nk; ++j) m = std::max(m, s[j]);
   return m;
+}
+
+// ds[j] = p[j] * (ds[j] - delta) * scale on j < nk16 (in place on ds)
+MMB_INLINE void softmax_grad(const float* p, float* ds, int64_t nk16, float delta,
+                  float scale) {
+  for (int64_t jb = 0; jb < nk16; jb += 16)
+    store16(ds + jb, load16(p + jb) * (load16(ds + jb) - delta) * scale);
+}
+
+MMB_INLINE float dot(const float* a, const float* b, int64_t n16) {
+  v16 acc{};
+  for (int64_t c = 0; c < n16; c += 16) acc += load16(a + c) * load16(b + c);
+  return hsum(acc);
 }
 
 struct MapGeom {
   int64_t H, W, nw, rh, rw, K;
-  int64_t token(int64_t region, int64_t t) const {
+  MMB_INLINE int64_t token(int64_t region, int64_t t) const {
     const int64_t ry = region / nw, rx = region % nw;
     return (ry * rh + t / rw) * W + rx * rw + t % rw;
   }
@@ -200,7 +220,7 @@ struct MapGeom {
 struct View4 {  // (N, L, h, c) strided view with unit channel stride
   float* p;
   int64_t sn, sl, sh;
-  float* at(int64_t n, int64_t l, int64_t hd) const {
+  MMB_INLINE float* at(int64_t n, int64_t l, int64_t hd) const {
     return p + n * sn + l * sl + hd * sh;
   }
 };
@@ -211,7 +231,7 @@ View4 view4(const torch::Tensor& t) {
 
 // Routed rows of one (batch, head): transposed (c, nk16) and/or row-major
 // (nk, c) copies; the transposed padding columns are zero.
-void gather_rows(const View4& src, const int64_t* routed, int64_t n,
+MMB_INLINE void gather_rows(const View4& src, const int64_t* routed, int64_t n,
                  int64_t hd, const MapGeom& g, int64_t c_dim, int64_t nk16,
                  float* tr, float* rows) {
   const int64_t tq = g.rh * g.rw, nk = g.K * tq;
@@ -251,14 +271,120 @@ void check_bra_inputs(const torch::Tensor& q, const torch::Tensor& k,
               "bra: topk_index must be a contiguous (N, n_win**2, K) int64");
 }
 
-// Row pointers of query block t0..t0+QB of region r (rows past tq point to
-// `pad`, a zero row, or `sink`, a scratch row).
-struct Block {
-  const float* in[QB];
-  float* out[QB];
-  int64_t l[QB];
-  int nq;
+
+// Everything one call needs; forward leaves the gradient fields empty.
+struct BraArgs {
+  View4 q, k, v, out, grad_out, dq, dk, dv;
+  float* lse;
+  const int64_t* idx;
+  MapGeom g;
+  int64_t L, nh, d, dv_dim, R;
+  float scale;
 };
+
+// Forward of work items [i0, i1), item = (batch, query region, head).
+MMB_CLONES
+void bra_forward_items(const BraArgs& a, int64_t i0, int64_t i1) {
+  const MapGeom& g = a.g;
+  const int64_t d = a.d, dv = a.dv_dim, nh = a.nh, R = a.R;
+  const int64_t tq = g.rh * g.rw, nk = g.K * tq, nk16 = (nk + 15) / 16 * 16;
+  std::vector<float> kt(d * nk16), vr(nk * dv), s(QB * nk16);
+  std::vector<float> pad(std::max(d, dv), 0.f), sink(dv);
+  float* srow[QB];
+  for (int i = 0; i < QB; ++i) srow[i] = s.data() + i * nk16;
+  for (int64_t item = i0; item < i1; ++item) {
+    const int64_t hd = item % nh, r = (item / nh) % R, n = item / (nh * R);
+    const int64_t* routed = a.idx + (n * R + r) * g.K;
+    gather_rows(a.k, routed, n, hd, g, d, nk16, kt.data(), nullptr);
+    gather_rows(a.v, routed, n, hd, g, dv, nk16, nullptr, vr.data());
+    for (int64_t t0 = 0; t0 < tq; t0 += QB) {
+      const float* qrow[QB];
+      float* orow[QB];
+      float inv[QB], lse_b[QB];
+      for (int i = 0; i < QB; ++i) {
+        const bool real = t0 + i < tq;
+        const int64_t l = real ? g.token(r, t0 + i) : 0;
+        qrow[i] = real ? a.q.at(n, l, hd) : pad.data();
+        orow[i] = real ? a.out.at(n, l, hd) : sink.data();
+      }
+      logits4(qrow, kt.data(), srow, d, nk16, a.scale);
+      for (int i = 0; i < QB; ++i) {
+        const float m = row_max(srow[i], nk);
+        const float sum = exp_shift(srow[i], nk, nk16, m);
+        inv[i] = 1.f / sum;
+        lse_b[i] = m + std::log(sum);
+      }
+      wsum4(srow, vr.data(), orow, inv, nk, dv);
+      if (a.lse)
+        for (int i = 0; i < QB && t0 + i < tq; ++i)
+          a.lse[(n * nh + hd) * a.L + g.token(r, t0 + i)] = lse_b[i];
+    }
+  }
+}
+
+// Backward of work items [i0, i1), item = (batch, head): the routed regions
+// of its query regions overlap, so one thread accumulates its dK/dV.
+MMB_CLONES
+void bra_backward_items(const BraArgs& a, int64_t i0, int64_t i1) {
+  const MapGeom& g = a.g;
+  const int64_t d = a.d, dvd = a.dv_dim, nh = a.nh, R = a.R;
+  const int64_t tq = g.rh * g.rw, nk = g.K * tq, nk16 = (nk + 15) / 16 * 16;
+  std::vector<float> kt(d * nk16), kr(nk * d), vt(dvd * nk16);
+  std::vector<float> p(QB * nk16), ds(QB * nk16);
+  std::vector<float> dk_loc(nk * d), dv_loc(nk * dvd);
+  std::vector<float> pad(std::max(d, dvd), 0.f), sink(d);
+  float* prow[QB];
+  float* dsrow[QB];
+  for (int i = 0; i < QB; ++i) {
+    prow[i] = p.data() + i * nk16;
+    dsrow[i] = ds.data() + i * nk16;
+  }
+  const float ones[QB] = {1.f, 1.f, 1.f, 1.f};
+  for (int64_t item = i0; item < i1; ++item) {
+    const int64_t hd = item % nh, n = item / nh;
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t* routed = a.idx + (n * R + r) * g.K;
+      gather_rows(a.k, routed, n, hd, g, d, nk16, kt.data(), kr.data());
+      gather_rows(a.v, routed, n, hd, g, dvd, nk16, vt.data(), nullptr);
+      std::fill(dk_loc.begin(), dk_loc.end(), 0.f);
+      std::fill(dv_loc.begin(), dv_loc.end(), 0.f);
+      for (int64_t t0 = 0; t0 < tq; t0 += QB) {
+        const float *qrow[QB], *gorow[QB];
+        float* dqrow[QB];
+        float delta[QB], lse_b[QB];
+        for (int i = 0; i < QB; ++i) {
+          const bool real = t0 + i < tq;
+          const int64_t l = real ? g.token(r, t0 + i) : 0;
+          qrow[i] = real ? a.q.at(n, l, hd) : pad.data();
+          gorow[i] = real ? a.grad_out.at(n, l, hd) : pad.data();
+          dqrow[i] = real ? a.dq.at(n, l, hd) : sink.data();
+          lse_b[i] = real ? a.lse[(n * nh + hd) * a.L + l] : 0.f;
+          delta[i] = real ? dot(gorow[i], a.out.at(n, l, hd), dvd) : 0.f;
+        }
+        logits4(qrow, kt.data(), prow, d, nk16, a.scale);
+        logits4(gorow, vt.data(), dsrow, dvd, nk16, 1.f);
+        for (int i = 0; i < QB; ++i) {
+          exp_shift(prow[i], nk, nk16, lse_b[i]);
+          softmax_grad(prow[i], dsrow[i], nk16, delta[i], a.scale);
+        }
+        wsum4(dsrow, kr.data(), dqrow, ones, nk, d);
+        rank4(dk_loc.data(), dsrow, qrow, nk, d);
+        rank4(dv_loc.data(), prow, gorow, nk, dvd);
+      }
+      for (int64_t kk = 0; kk < g.K; ++kk) {
+        for (int64_t t = 0; t < tq; ++t) {
+          const int64_t l = g.token(routed[kk], t), j = kk * tq + t;
+          float* dks = a.dk.at(n, l, hd);
+          float* dvs = a.dv.at(n, l, hd);
+          for (int64_t c = 0; c < d; c += 16)
+            store16(dks + c, load16(dks + c) + load16(&dk_loc[j * d + c]));
+          for (int64_t c = 0; c < dvd; c += 16)
+            store16(dvs + c, load16(dvs + c) + load16(&dv_loc[j * dvd + c]));
+        }
+      }
+    }
+  }
+}
 
 }  // namespace
 
@@ -269,49 +395,18 @@ std::vector<torch::Tensor> bra_forward(torch::Tensor q, torch::Tensor k,
                                        double scale, bool need_lse) {
   check_bra_inputs(q, k, v, idx, H, W, nw);
   const int64_t N = q.size(0), L = q.size(1), nh = q.size(2), d = q.size(3);
-  const int64_t dv = v.size(3), R = nw * nw, K = idx.size(2);
-  const MapGeom g{H, W, nw, H / nw, W / nw, K};
-  const int64_t tq = g.rh * g.rw, nk = K * tq, nk16 = (nk + 15) / 16 * 16;
+  const int64_t dv = v.size(3), R = nw * nw;
   auto out = torch::empty({N, L, nh, dv}, q.options());
   auto lse = need_lse ? torch::empty({N, nh, L}, q.options())
                       : torch::empty({0}, q.options());
-  const View4 qv = view4(q), kv = view4(k), vv = view4(v), ov = view4(out);
-  float* lp = need_lse ? lse.data_ptr<float>() : nullptr;
-  const int64_t* ip = idx.data_ptr<int64_t>();
-  const float sc = static_cast<float>(scale);
+  const View4 none{nullptr, 0, 0, 0};
+  const BraArgs a{view4(q), view4(k), view4(v), view4(out), none, none, none,
+                  none, need_lse ? lse.data_ptr<float>() : nullptr,
+                  idx.data_ptr<int64_t>(),
+                  MapGeom{H, W, nw, H / nw, W / nw, idx.size(2)}, L, nh, d,
+                  dv, R, static_cast<float>(scale)};
   at::parallel_for(0, N * R * nh, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> kt(d * nk16), vr(nk * dv), s(QB * nk16);
-    std::vector<float> pad(std::max(d, dv), 0.f), sink(dv);
-    float* srow[QB];
-    for (int i = 0; i < QB; ++i) srow[i] = s.data() + i * nk16;
-    for (int64_t item = i0; item < i1; ++item) {
-      const int64_t hd = item % nh, r = (item / nh) % R, n = item / (nh * R);
-      const int64_t* routed = ip + (n * R + r) * K;
-      gather_rows(kv, routed, n, hd, g, d, nk16, kt.data(), nullptr);
-      gather_rows(vv, routed, n, hd, g, dv, nk16, nullptr, vr.data());
-      for (int64_t t0 = 0; t0 < tq; t0 += QB) {
-        const float* qrow[QB];
-        float* orow[QB];
-        float inv[QB], lse_b[QB];
-        for (int i = 0; i < QB; ++i) {
-          const bool real = t0 + i < tq;
-          const int64_t l = real ? g.token(r, t0 + i) : 0;
-          qrow[i] = real ? qv.at(n, l, hd) : pad.data();
-          orow[i] = real ? ov.at(n, l, hd) : sink.data();
-        }
-        logits4(qrow, kt.data(), srow, d, nk16, sc);
-        for (int i = 0; i < QB; ++i) {
-          const float m = row_max(srow[i], nk);
-          const float sum = exp_shift(srow[i], nk, nk16, m);
-          inv[i] = 1.f / sum;
-          lse_b[i] = m + std::log(sum);
-        }
-        wsum4(srow, vr.data(), orow, inv, nk, dv);
-        if (lp)
-          for (int i = 0; i < QB && t0 + i < tq; ++i)
-            lp[(n * nh + hd) * L + g.token(r, t0 + i)] = lse_b[i];
-      }
-    }
+    bra_forward_items(a, i0, i1);
   });
   return {out, lse};
 }
@@ -325,89 +420,25 @@ std::vector<torch::Tensor> bra_backward(torch::Tensor grad_out,
                                         double scale) {
   check_bra_inputs(q, k, v, idx, H, W, nw);
   TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_out.stride(3) == 1 &&
-                  out.stride(3) == 1 && lse.is_contiguous(),
-              "bra_backward: grad_out/out must be (N, L, h, dv)");
+                  out.stride(3) == 1 && lse.is_contiguous() &&
+                  lse.numel() == q.size(0) * q.size(2) * q.size(1),
+              "bra_backward: grad_out/out must be (N, L, h, dv), lse (N, h, L)");
   const int64_t N = q.size(0), L = q.size(1), nh = q.size(2), d = q.size(3);
-  const int64_t dvd = v.size(3), R = nw * nw, K = idx.size(2);
-  const MapGeom g{H, W, nw, H / nw, W / nw, K};
-  const int64_t tq = g.rh * g.rw, nk = K * tq, nk16 = (nk + 15) / 16 * 16;
+  const int64_t dvd = v.size(3), R = nw * nw;
   auto dq = torch::empty({N, L, nh, d}, q.options());
   auto dk = torch::zeros({N, L, nh, d}, q.options());
   auto dv = torch::zeros({N, L, nh, dvd}, q.options());
-  const View4 qv = view4(q), kv = view4(k), vv = view4(v), ov = view4(out),
-              gv = view4(grad_out), dqv = view4(dq), dkv = view4(dk),
-              dvv = view4(dv);
-  const float* lp = lse.data_ptr<float>();
-  const int64_t* ip = idx.data_ptr<int64_t>();
-  const float sc = static_cast<float>(scale);
-  // one (batch, head) per task: the routed regions of its query regions
-  // overlap, so dK/dV of a (batch, head) are accumulated by one thread
+  const BraArgs a{view4(q), view4(k), view4(v), view4(out), view4(grad_out),
+                  view4(dq), view4(dk), view4(dv), lse.data_ptr<float>(),
+                  idx.data_ptr<int64_t>(),
+                  MapGeom{H, W, nw, H / nw, W / nw, idx.size(2)}, L, nh, d,
+                  dvd, R, static_cast<float>(scale)};
   at::parallel_for(0, N * nh, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> kt(d * nk16), kr(nk * d), vt(dvd * nk16);
-    std::vector<float> p(QB * nk16), ds(QB * nk16);
-    std::vector<float> dk_loc(nk * d), dv_loc(nk * dvd);
-    std::vector<float> pad(std::max(d, dvd), 0.f), sink(d);
-    float* prow[QB];
-    float* dsrow[QB];
-    for (int i = 0; i < QB; ++i) {
-      prow[i] = p.data() + i * nk16;
-      dsrow[i] = ds.data() + i * nk16;
-    }
-    const float one = 1.f;
-    const float ones[QB] = {one, one, one, one};
-    for (int64_t item = i0; item < i1; ++item) {
-      const int64_t hd = item % nh, n = item / nh;
-      for (int64_t r = 0; r < R; ++r) {
-        const int64_t* routed = ip + (n * R + r) * K;
-        gather_rows(kv, routed, n, hd, g, d, nk16, kt.data(), kr.data());
-        gather_rows(vv, routed, n, hd, g, dvd, nk16, vt.data(), nullptr);
-        std::fill(dk_loc.begin(), dk_loc.end(), 0.f);
-        std::fill(dv_loc.begin(), dv_loc.end(), 0.f);
-        for (int64_t t0 = 0; t0 < tq; t0 += QB) {
-          const float *qrow[QB], *gorow[QB];
-          float* dqrow[QB];
-          float delta[QB], lse_b[QB];
-          for (int i = 0; i < QB; ++i) {
-            const bool real = t0 + i < tq;
-            const int64_t l = real ? g.token(r, t0 + i) : 0;
-            qrow[i] = real ? qv.at(n, l, hd) : pad.data();
-            gorow[i] = real ? gv.at(n, l, hd) : pad.data();
-            dqrow[i] = real ? dqv.at(n, l, hd) : sink.data();
-            lse_b[i] = real ? lp[(n * nh + hd) * L + l] : 0.f;
-            float dl = 0.f;
-            if (real) {
-              const float* orow = ov.at(n, l, hd);
-              for (int64_t c = 0; c < dvd; ++c) dl += gorow[i][c] * orow[c];
-            }
-            delta[i] = dl;
-          }
-          logits4(qrow, kt.data(), prow, d, nk16, sc);
-          logits4(gorow, vt.data(), dsrow, dvd, nk16, 1.f);
-          for (int i = 0; i < QB; ++i) {
-            exp_shift(prow[i], nk, nk16, lse_b[i]);
-            float* dsi = dsrow[i];
-            const float* pi = prow[i];
-            for (int64_t j = 0; j < nk16; ++j)
-              dsi[j] = pi[j] * (dsi[j] - delta[i]) * sc;
-          }
-          wsum4(dsrow, kr.data(), dqrow, ones, nk, d);
-          rank4(dk_loc.data(), dsrow, qrow, nk, d);
-          rank4(dv_loc.data(), prow, gorow, nk, dvd);
-        }
-        for (int64_t kk = 0; kk < K; ++kk) {
-          for (int64_t t = 0; t < tq; ++t) {
-            const int64_t l = g.token(routed[kk], t), j = kk * tq + t;
-            float* dks = dkv.at(n, l, hd);
-            float* dvs = dvv.at(n, l, hd);
-            for (int64_t c = 0; c < d; ++c) dks[c] += dk_loc[j * d + c];
-            for (int64_t c = 0; c < dvd; ++c) dvs[c] += dv_loc[j * dvd + c];
-          }
-        }
-      }
-    }
+    bra_backward_items(a, i0, i1);
   });
   return {dq, dk, dv};
 }
+
 
 // x, g: (N, H, W, C) float32, unit channel stride -> (C, 1, k, k)
 torch::Tensor dwconv_weight_grad(torch::Tensor x, torch::Tensor g,
