@@ -301,7 +301,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help='preset stages to run (default: 1 2 3)')
     parser.add_argument('--backends', nargs='*',
                         default=None, help='default: official gather fused '
-                        '(+ triton on CUDA)')
+                        '(+ triton on CUDA, + cpu on the CPU)')
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('--op', default='layer', choices=['layer', 'core'])
     parser.add_argument('--repeat', type=int, default=3)
@@ -330,7 +330,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         parser.error('give --preset and/or --shape')
     backends = args.backends or (
         ['official', 'gather', 'fused'] +
-        (['triton'] if args.device == 'cuda' else []))
+        (['triton'] if args.device == 'cuda' else ['cpu']))
     best: Dict = {}
     order = []
     for rnd in range(args.rounds):
