@@ -15,6 +15,8 @@ from mmbiformer.ops import (
 )
 from mmbiformer.ops.dwconv import DepthwiseConv2d, DepthwiseConvFunction
 
+from .helpers import run_backends
+
 LINUX_X86 = platform.system() == 'Linux' and platform.machine() == 'x86_64'
 
 
@@ -107,22 +109,16 @@ def test_module_cpu_backend_matches_reference_and_auto_picks_it(
     m = BiLevelRoutingAttention(64, num_heads=2, n_win=7, topk=4,
                                 auto_pad=True)
     x = torch.randn(2, 30, 23, 64)  # padded to 35 x 28
-    results = []
-    for backend in ('auto', 'reference'):
-        m.backend = backend
-        m.zero_grad()
-        xi = x.clone().requires_grad_()
-        y, info = m(xi, return_routing=True)
-        y.square().sum().backward()
-        results.append((y, xi.grad, [p.grad.clone() for p in m.parameters()],
-                        info))
-    (y, gx, gp, info), (y_ref, gx_ref, gp_ref, info_ref) = results
+    g = torch.randn(2, 30, 23, 64)
+    (y, gx, gp, info), (y_ref, gx_ref, gp_ref, info_ref) = run_backends(
+        m, x, g, ('auto', 'reference'))
     assert info['backend'] == 'cpu' and len(calls) == 1
     assert torch.equal(info['topk_index'], info_ref['topk_index'])
     torch.testing.assert_close(y, y_ref, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(gx, gx_ref, atol=1e-4, rtol=1e-5)
-    for a, b in zip(gp, gp_ref):
-        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)
+    for name in gp:
+        torch.testing.assert_close(gp[name], gp_ref[name], atol=1e-3,
+                                   rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize('kwargs,x_kwargs', [

@@ -6,6 +6,7 @@ import torch
 
 from mmbiformer.ops import BiLevelRoutingAttention, fused_cpu
 
+from .helpers import run_backends
 from .test_flops import traced_matmul_flops
 
 
@@ -46,17 +47,9 @@ def test_values_and_all_gradients_match_reference(monkeypatch, hw,
                                 auto_pad=auto_pad, backend='fused')
     x = torch.randn(2, *hw, 64)
     g = torch.randn(2, *hw, 64)
-    results = []
-    for backend in ('fused', 'reference'):
-        m.backend = backend
-        m.zero_grad()
-        xi = x.clone().requires_grad_()
-        y, info = m(xi, return_routing=True)
-        (y * g).sum().backward()
-        results.append((y, xi.grad, {k: p.grad.clone() for k, p in
-                                     m.named_parameters()}, info))
+    (y, gx, gp, info), (y_ref, gx_ref, gp_ref, info_ref) = run_backends(
+        m, x, g, ('fused', 'reference'))
     assert counter.calls == 1
-    (y, gx, gp, info), (y_ref, gx_ref, gp_ref, info_ref) = results
     assert torch.equal(info['topk_index'], info_ref['topk_index'])
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gx, gx_ref, atol=1e-5, rtol=1e-4)
