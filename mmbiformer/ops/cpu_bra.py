@@ -35,12 +35,7 @@ def cpu_backend_applies(q: Tensor, v: Tensor, head_dim: int,
         return False
     if head_dim % 16 or v_head_dim % 16:
         return False
-    # traced, scripted, compiled or exported graphs keep the torch-only
-    # paths (FLOP counters, ONNX and torch.export see the ops they know)
-    if torch.jit.is_scripting() or torch.jit.is_tracing() or \
-            torch.compiler.is_compiling() or torch.compiler.is_exporting():
-        return False
-    return cpu_ext.load() is not None
+    return not cpu_ext.capturing_graph() and cpu_ext.load() is not None
 
 
 class BRACpuAttention(torch.autograd.Function):

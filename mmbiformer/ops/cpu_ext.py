@@ -21,7 +21,7 @@ import warnings
 from types import ModuleType
 from typing import Optional
 
-__all__ = ['available', 'load']
+__all__ = ['available', 'capturing_graph', 'load']
 
 SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc',
                   'cpu_kernels.cpp')
@@ -33,6 +33,16 @@ _state: dict = {}
 
 def _enabled() -> bool:
     return os.environ.get(ENV_SWITCH, '1') != '0'
+
+
+def capturing_graph() -> bool:
+    """Whether a JIT trace/script, ``torch.compile`` or ``torch.export`` is
+    recording the model: the callers then keep their torch-only paths, so
+    FLOP counters, ONNX and torch.export see the ops they know."""
+    import torch
+    return (torch.jit.is_scripting() or torch.jit.is_tracing()
+            or torch.compiler.is_compiling()
+            or torch.compiler.is_exporting())
 
 
 def _builder():

@@ -94,10 +94,7 @@ class DepthwiseConv2d(nn.Conv2d):
                 and x.dtype == torch.float32
                 and self.weight.dtype == torch.float32
                 and (x.requires_grad or self.weight.requires_grad)
-                and not torch.jit.is_tracing()
-                and not torch.jit.is_scripting()
-                and not torch.compiler.is_compiling()
-                and x.dim() == 4)
+                and x.dim() == 4 and not cpu_ext.capturing_graph())
 
     def forward(self, x: Tensor) -> Tensor:
         if self._use_kernel(x):

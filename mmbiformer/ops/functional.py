@@ -82,9 +82,10 @@ def select_backend(q: Tensor) -> str:
       at every BiFormer stage shape (see ``docs/benchmarks.md``); otherwise
       ``'fused'``, the least memory of the torch-only backends.
 
-    ``q``'s last dim must be the head dim. (The ``'cpu'`` backend also
-    needs ``dv % 16 == 0``, ``S == R`` and no key mask; where they fail it
-    runs ``'fused'``.)
+    ``q``'s last dim must be the head dim; the choice assumes values of the
+    same head dim. (The ``'cpu'`` backend checks the values' head dim,
+    ``S == R`` and the key mask itself and runs ``'fused'`` where they
+    fail.)
     """
     if q.device.type == 'cuda' and triton_available(q.device):
         from .triton_bra import supports
@@ -92,7 +93,7 @@ def select_backend(q: Tensor) -> str:
             return 'triton'
     if q.device.type == 'cpu':
         from .cpu_bra import cpu_backend_applies
-        if cpu_backend_applies(q, q, q.shape[-1], 16):
+        if cpu_backend_applies(q, q, q.shape[-1], q.shape[-1]):
             return 'cpu'
     return 'fused'
 

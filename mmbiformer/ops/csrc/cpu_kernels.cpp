@@ -22,33 +22,43 @@
 
 namespace {
 
+// A 4-D float32 view with unit innermost stride: (N, L, h, c) for the
+// attention, (N, H, W, C) for the depthwise conv.
+struct View4 {
+  float* p;
+  int64_t sn, sl, sh;
+  MMB_INLINE float* at(int64_t n, int64_t l, int64_t hd) const {
+    return p + n * sn + l * sl + hd * sh;
+  }
+};
+
+View4 view4(const torch::Tensor& t) {
+  return View4{t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
 // ---------------------------------------------------------------------------
 // Depthwise convolution, stride 1, padding k / 2: weight gradient.
 //
 // dw[c, i, j] = sum_{n, h, w} x[n, h + i - p, w + j - p, c] * g[n, h, w, c]
-// x, g: (N, H, W, C) with unit channel stride (any other strides).
-
-struct Strides4 {
-  int64_t n, h, w;
-};
+// x, g: (N, H, W, C) views with unit channel stride (View4 with the rows
+// as its second and the columns as its third dim).
 
 MMB_CLONES
-void dw_grad_row(const float* xp, const float* gp, float* acc, int64_t n,
-                 int64_t h, int64_t H, int64_t W, int64_t C, int64_t k,
-                 Strides4 xs, Strides4 gs) {
+void dw_grad_row(const View4& x, const View4& g, float* acc, int64_t n,
+                 int64_t h, int64_t H, int64_t W, int64_t C, int64_t k) {
   const int64_t p = k / 2;
-  const float* grow = gp + n * gs.n + h * gs.h;
+  const float* grow = g.at(n, h, 0);
   for (int64_t i = 0; i < k; ++i) {
     const int64_t hx = h + i - p;
     if (hx < 0 || hx >= H) continue;
-    const float* xrow = xp + n * xs.n + hx * xs.h;
+    const float* xrow = x.at(n, hx, 0);
     for (int64_t j = 0; j < k; ++j) {
       float* a = acc + (i * k + j) * C;
       const int64_t w0 = std::max<int64_t>(0, p - j);
       const int64_t w1 = std::min<int64_t>(W, W + p - j);
       for (int64_t w = w0; w < w1; ++w) {
-        const float* xv = xrow + (w + j - p) * xs.w;
-        const float* gv = grow + w * gs.w;
+        const float* xv = xrow + (w + j - p) * x.sh;
+        const float* gv = grow + w * g.sh;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) a[c] += xv[c] * gv[c];
       }
@@ -216,18 +226,6 @@ struct MapGeom {
     return (ry * rh + t / rw) * W + rx * rw + t % rw;
   }
 };
-
-struct View4 {  // (N, L, h, c) strided view with unit channel stride
-  float* p;
-  int64_t sn, sl, sh;
-  MMB_INLINE float* at(int64_t n, int64_t l, int64_t hd) const {
-    return p + n * sn + l * sl + hd * sh;
-  }
-};
-
-View4 view4(const torch::Tensor& t) {
-  return View4{t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)};
-}
 
 // Routed rows of one (batch, head): transposed (c, nk16) and/or row-major
 // (nk, c) copies; the transposed padding columns are zero.
@@ -452,17 +450,14 @@ torch::Tensor dwconv_weight_grad(torch::Tensor x, torch::Tensor g,
   TORCH_CHECK(k % 2 == 1, "dwconv_weight_grad: odd kernel sizes only");
   const int64_t N = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
   const int64_t kk = k * k;
-  const Strides4 xs{x.stride(0), x.stride(1), x.stride(2)};
-  const Strides4 gs{g.stride(0), g.stride(1), g.stride(2)};
-  const float* xp = x.data_ptr<float>();
-  const float* gp = g.data_ptr<float>();
+  const View4 xv = view4(x), gv = view4(g);
   const int nt = at::get_num_threads();
   auto partial = torch::zeros({nt, kk, C}, x.options());
   float* pp = partial.data_ptr<float>();
   at::parallel_for(0, N * H, 1, [&](int64_t r0, int64_t r1) {
     float* acc = pp + at::get_thread_num() * kk * C;
     for (int64_t r = r0; r < r1; ++r)
-      dw_grad_row(xp, gp, acc, r / H, r % H, H, W, C, k, xs, gs);
+      dw_grad_row(xv, gv, acc, r / H, r % H, H, W, C, k);
   });
   return partial.sum(0).t().reshape({C, 1, k, k}).contiguous();
 }
