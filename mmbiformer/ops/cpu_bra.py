@@ -2,15 +2,15 @@
 kernels (:mod:`mmbiformer.ops.cpu_ext`), in the map's own token order.
 
 The kernels read q, k and v where they are (views of the ``qkv`` projection,
-``(N, H, W, channels)``), copy each query region's routed keys/values into
-small cache-resident buffers, and write the output straight into an ``(N, H,
-W, C)`` map: no region-major copies of q/k/v or of the output, no top-k
-copies of K/V, and the exact routed FLOPs (unlike the dense mode of the
-``fused`` backend). The forward keeps the per-query log-sum-exp; the
-backward recomputes the attention per region and accumulates dK/dV per
-(batch, head). float32, head dims that are multiples of 16, ``S == R``
-(self-attention over the same grid) and no key mask; elsewhere the callers
-use the ``fused`` backend.
+``(N, H, W, channels)``; routed rows through pointers, plus a small transposed
+copy of the routed keys for regions of more than 16 tokens) and write the
+output straight into an ``(N, H, W, C)`` map: no region-major copies of q/k/v
+or of the output, no top-k copies of K/V, and the exact routed FLOPs (unlike
+the dense mode of the ``fused`` backend). The forward keeps the per-query log-
+sum-exp; the backward recomputes the attention per region and accumulates dK/dV
+per (batch, head). float32, head dims that are multiples of 16, ``S == R``
+(self-attention over the same grid) and no key mask; elsewhere the callers use
+the ``fused`` backend.
 """
 from __future__ import annotations
 

@@ -47,6 +47,10 @@ def _routes(n, regions, topk, seed=0):
     (1, (15, 10), 5, 1, 16, 48, 4),    # 3x2 regions: 6 queries (tail 2)
     (2, (12, 12), 4, 2, 64, 32, 5),    # 9-token regions, 45 keys
     (1, (8, 8), 2, 4, 16, 16, 4),      # topk = all regions
+    # regions of more than 16 tokens: logits from a transposed key copy
+    (1, (16, 16), 2, 2, 32, 32, 1),    # 64-token regions, one routed
+    (1, (10, 10), 2, 1, 16, 32, 1),    # 25 tokens: padded keys, tail query
+    (1, (16, 20), 2, 2, 32, 16, 2),    # 8x10 regions, 160 keys, d != dv
 ])
 def test_token_order_kernel_matches_reference(n, hw, n_win, heads, d, dv,
                                               topk):
