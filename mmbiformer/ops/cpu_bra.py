@@ -6,11 +6,11 @@ The kernels read q, k and v where they are (views of the ``qkv`` projection,
 copy of the routed keys for regions of more than 16 tokens) and write the
 output straight into an ``(N, H, W, C)`` map: no region-major copies of q/k/v
 or of the output, no top-k copies of K/V, and the exact routed FLOPs (unlike
-the dense mode of the ``fused`` backend). The forward keeps the per-query log-
-sum-exp; the backward recomputes the attention per region and accumulates dK/dV
-per (batch, head). float32, head dims that are multiples of 16, ``S == R``
-(self-attention over the same grid) and no key mask; elsewhere the callers use
-the ``fused`` backend.
+the dense mode of the ``fused`` backend). The forward keeps the per-query
+log-sum-exp; the backward recomputes the attention per region and accumulates
+dK/dV per (batch, head). float32, head dims that are multiples of 16, ``S ==
+R`` (self-attention over the same grid) and no key mask; elsewhere the callers
+use the ``fused`` backend.
 """
 from __future__ import annotations
 
