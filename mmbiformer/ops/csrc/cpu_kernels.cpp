@@ -362,25 +362,48 @@ struct BraArgs {
 // 0.9x at 64).
 constexpr int64_t kRowsMaxTokens = 16;
 
+// The routed rows one query region reads as "keys" of its logits (k in
+// q k^T, or v in dO v^T): row pointers always, and a transposed copy for
+// regions of more than kRowsMaxTokens tokens.
+struct RoutedKeys {
+  bool by_rows;
+  int64_t c_dim, nk16;
+  std::vector<const float*> rows;
+  std::vector<float> tr;
+  RoutedKeys(int64_t tq, int64_t c_dim, int64_t nk16)
+      : by_rows(tq <= kRowsMaxTokens), c_dim(c_dim), nk16(nk16), rows(nk16),
+        tr(by_rows ? 0 : c_dim * nk16) {}
+  MMB_INLINE void load(const View4& x, const int64_t* routed, int64_t n,
+                       int64_t hd, const MapGeom& g, const float* pad) {
+    routed_rows(x, routed, n, hd, g, nk16, pad, rows.data());
+    if (!by_rows) gather_t(x, routed, n, hd, g, c_dim, nk16, tr.data());
+  }
+  // s_i[j] = scale * q_i . key_j for the 4 query rows q
+  MMB_INLINE void logits(const float* const* q, float* const* s,
+                         float scale) const {
+    if (by_rows)
+      logits4_rows(q, rows.data(), s, c_dim, nk16, scale);
+    else
+      logits4(q, tr.data(), s, c_dim, nk16, scale);
+  }
+};
+
 // Forward of work items [i0, i1), item = (batch, query region, head).
 MMB_CLONES
 void bra_forward_items(const BraArgs& a, int64_t i0, int64_t i1) {
   const MapGeom& g = a.g;
   const int64_t d = a.d, dv = a.dv_dim, nh = a.nh, R = a.R;
   const int64_t tq = g.rh * g.rw, nk = g.K * tq, nk16 = (nk + 15) / 16 * 16;
-  const bool by_rows = tq <= kRowsMaxTokens;
-  std::vector<float> kt(by_rows ? 0 : d * nk16), s(QB * nk16);
+  RoutedKeys keys(tq, d, nk16);
+  std::vector<float> s(QB * nk16);
   std::vector<float> pad(std::max(d, dv), 0.f), sink(dv);
-  std::vector<const float*> krow(nk16), vrow(nk16);
+  std::vector<const float*> vrow(nk16);
   float* srow[QB];
   for (int i = 0; i < QB; ++i) srow[i] = s.data() + i * nk16;
   for (int64_t item = i0; item < i1; ++item) {
     const int64_t hd = item % nh, r = (item / nh) % R, n = item / (nh * R);
     const int64_t* routed = a.idx + (n * R + r) * g.K;
-    if (by_rows)
-      routed_rows(a.k, routed, n, hd, g, nk16, pad.data(), krow.data());
-    else
-      gather_t(a.k, routed, n, hd, g, d, nk16, kt.data());
+    keys.load(a.k, routed, n, hd, g, pad.data());
     routed_rows(a.v, routed, n, hd, g, nk16, pad.data(), vrow.data());
     for (int64_t t0 = 0; t0 < tq; t0 += QB) {
       const float* qrow[QB];
@@ -392,10 +415,7 @@ void bra_forward_items(const BraArgs& a, int64_t i0, int64_t i1) {
         qrow[i] = real ? a.q.at(n, l, hd) : pad.data();
         orow[i] = real ? a.out.at(n, l, hd) : sink.data();
       }
-      if (by_rows)
-        logits4_rows(qrow, krow.data(), srow, d, nk16, a.scale);
-      else
-        logits4(qrow, kt.data(), srow, d, nk16, a.scale);
+      keys.logits(qrow, srow, a.scale);
       for (int i = 0; i < QB; ++i) {
         const float m = row_max(srow[i], nk);
         const float sum = exp_shift(srow[i], nk, nk16, m);
@@ -418,11 +438,9 @@ void bra_backward_items(const BraArgs& a, int64_t i0, int64_t i1) {
   const MapGeom& g = a.g;
   const int64_t d = a.d, dvd = a.dv_dim, nh = a.nh, R = a.R;
   const int64_t tq = g.rh * g.rw, nk = g.K * tq, nk16 = (nk + 15) / 16 * 16;
-  const bool by_rows = tq <= kRowsMaxTokens;
-  std::vector<float> kt(by_rows ? 0 : d * nk16), vt(by_rows ? 0 : dvd * nk16);
+  RoutedKeys keys(tq, d, nk16), vals(tq, dvd, nk16);
   std::vector<float> p(QB * nk16), ds(QB * nk16);
   std::vector<float> pad(std::max(d, dvd), 0.f), sink(std::max(d, dvd));
-  std::vector<const float*> krow(nk16), vrow(nk16);
   std::vector<float*> dkrow(nk16), dvrow(nk16);
   float* prow[QB];
   float* dsrow[QB];
@@ -435,15 +453,10 @@ void bra_backward_items(const BraArgs& a, int64_t i0, int64_t i1) {
     const int64_t hd = item % nh, n = item / nh;
     for (int64_t r = 0; r < R; ++r) {
       const int64_t* routed = a.idx + (n * R + r) * g.K;
-      routed_rows(a.k, routed, n, hd, g, nk16, pad.data(), krow.data());
+      keys.load(a.k, routed, n, hd, g, pad.data());
+      vals.load(a.v, routed, n, hd, g, pad.data());
       routed_rows(a.dk, routed, n, hd, g, nk16, sink.data(), dkrow.data());
       routed_rows(a.dv, routed, n, hd, g, nk16, sink.data(), dvrow.data());
-      if (by_rows) {
-        routed_rows(a.v, routed, n, hd, g, nk16, pad.data(), vrow.data());
-      } else {
-        gather_t(a.k, routed, n, hd, g, d, nk16, kt.data());
-        gather_t(a.v, routed, n, hd, g, dvd, nk16, vt.data());
-      }
       for (int64_t t0 = 0; t0 < tq; t0 += QB) {
         const float *qrow[QB], *gorow[QB];
         float* dqrow[QB];
@@ -457,18 +470,13 @@ void bra_backward_items(const BraArgs& a, int64_t i0, int64_t i1) {
           lse_b[i] = real ? a.lse[(n * nh + hd) * a.L + l] : 0.f;
           delta[i] = real ? dot(gorow[i], a.out.at(n, l, hd), dvd) : 0.f;
         }
-        if (by_rows) {
-          logits4_rows(qrow, krow.data(), prow, d, nk16, a.scale);
-          logits4_rows(gorow, vrow.data(), dsrow, dvd, nk16, 1.f);
-        } else {
-          logits4(qrow, kt.data(), prow, d, nk16, a.scale);
-          logits4(gorow, vt.data(), dsrow, dvd, nk16, 1.f);
-        }
+        keys.logits(qrow, prow, a.scale);
+        vals.logits(gorow, dsrow, 1.f);
         for (int i = 0; i < QB; ++i) {
           exp_shift(prow[i], nk, nk16, lse_b[i]);
           softmax_grad(prow[i], dsrow[i], nk16, delta[i], a.scale);
         }
-        wsum4(dsrow, krow.data(), dqrow, ones, nk, d);
+        wsum4(dsrow, keys.rows.data(), dqrow, ones, nk, d);
         rank4(dkrow.data(), dsrow, qrow, nk, d);
         rank4(dvrow.data(), prow, gorow, nk, dvd);
       }
