@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.dwconv import DepthwiseConv2d
+from ..ops.linear import Linear
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -116,8 +117,8 @@ class GlobalAttention(nn.Module):
         self.dim = dim
         self.num_heads = num_heads
         self.scale = qk_scale or (dim // num_heads)**-0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
         if side_dwconv > 0:
             self.lepe = DepthwiseConv2d(dim, side_dwconv)
         else:
@@ -179,8 +180,8 @@ class BiFormerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         hidden = int(mlp_ratio * dim)
         self.mlp = nn.Sequential(
-            nn.Linear(dim, hidden), nn.Identity(), nn.GELU(),
-            nn.Linear(hidden, dim))
+            Linear(dim, hidden), nn.Identity(), nn.GELU(),
+            Linear(hidden, dim))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else \
             nn.Identity()
 
@@ -190,8 +191,14 @@ class BiFormerBlock(nn.Module):
             x = x + self.pos_embed(x)
         x = x.permute(0, 2, 3, 1)
         x = self._add_branch(x, self.attn(self.norm1(x)))
-        x = self._add_branch(x, self.mlp(self.norm2(x)))
+        x = self._add_branch(x, self._mlp(self.norm2(x)))
         return x.permute(0, 3, 1, 2)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        # self.mlp(x), with the GELU fused into the first product where the
+        # Linear can (inference on the CPU)
+        fc1, fc2 = self.mlp[0], self.mlp[3]
+        return fc2(fc1.forward_gelu(x))
 
     def _add_branch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if isinstance(self.drop_path, DropPath):

@@ -16,9 +16,9 @@ needs gradients and the project's CPU kernels are built
 * the bias gradient as a sum.
 
 The results equal ``nn.Conv2d``'s gradients to float rounding (the sums run
-in another order). Anything else (inference, other dtypes or devices, JIT
-tracing, ``torch.compile``/export, strides or paddings other than 1 and
-``k // 2``) calls ``nn.Conv2d.forward`` unchanged.
+in another order). Anything else (inference, other dtypes or devices, CPU
+autocast, JIT tracing, ``torch.compile``/export, strides or paddings other
+than 1 and ``k // 2``) calls ``nn.Conv2d.forward`` unchanged.
 """
 from __future__ import annotations
 
@@ -93,6 +93,7 @@ class DepthwiseConv2d(nn.Conv2d):
         return (torch.is_grad_enabled() and x.device.type == 'cpu'
                 and x.dtype == torch.float32
                 and self.weight.dtype == torch.float32
+                and not torch.is_autocast_enabled('cpu')
                 and (x.requires_grad or self.weight.requires_grad)
                 and x.dim() == 4 and not cpu_ext.capturing_graph())
 

@@ -13,6 +13,7 @@ from .cpu_bra import cpu_backend_applies, token_cpu_attention
 from .dwconv import DepthwiseConv2d
 from .functional import BACKENDS, bra_attention, select_backend
 from .fused_cpu import token_dense_attention, use_token_dense
+from .linear import Linear
 from .routing import region_mean, route
 
 __all__ = ['BiLevelRoutingAttention', 'QKVLinear']
@@ -31,7 +32,7 @@ class QKVLinear(nn.Module):
         super().__init__()
         self.dim = dim
         self.qk_dim = qk_dim
-        self.qkv = nn.Linear(dim, qk_dim + qk_dim + dim, bias=bias)
+        self.qkv = Linear(dim, qk_dim + qk_dim + dim, bias=bias)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """``(..., dim)`` -> q ``(..., qk_dim)``, k ``(..., qk_dim)``, v
@@ -117,7 +118,7 @@ class BiLevelRoutingAttention(nn.Module):
         self.backend = backend
 
         self.qkv = QKVLinear(dim, qk_dim)
-        self.wo = nn.Linear(dim, dim)
+        self.wo = Linear(dim, dim)
         if side_dwconv > 0:
             self.lepe = DepthwiseConv2d(dim, side_dwconv)
         else:

@@ -1,0 +1,106 @@
+"""``mmbiformer.ops.linear.Linear``: nn.Linear's results and parameters,
+with oneDNN products on the CPU."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mmbiformer.ops import linear as lin
+from mmbiformer.ops.linear import DnnLinearFunction, Linear
+
+needs_dnn = pytest.mark.skipif(
+    not (torch.backends.mkldnn.is_available() and lin._dnn_op() is not None),
+    reason='torch was built without oneDNN')
+
+
+def _pair(cin, cout, bias=True):
+    torch.manual_seed(0)
+    ours = Linear(cin, cout, bias=bias)
+    ref = nn.Linear(cin, cout, bias=bias)
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+def _run(layer, x, g):
+    x = x.detach().clone().requires_grad_(x.requires_grad)
+    y = layer(x)
+    (y * g).sum().backward()
+    return y, x.grad, [p.grad for p in layer.parameters()]
+
+
+@needs_dnn
+@pytest.mark.parametrize('shape', [(2, 40, 30), (2, 7, 7), (300, )],
+                         ids=['oneDNN-input-grad', 'BLAS-input-grad', '2d'])
+@pytest.mark.parametrize('bias', [True, False])
+@pytest.mark.parametrize('layout', ['contiguous', 'permuted'])
+def test_values_and_gradients_match_nn_linear(monkeypatch, shape, bias,
+                                              layout):
+    calls = []
+    apply = DnnLinearFunction.apply
+    monkeypatch.setattr(DnnLinearFunction, 'apply',
+                        lambda *a: calls.append(1) or apply(*a))
+    ours, ref = _pair(64, 96, bias)
+    if layout == 'permuted':  # channels-last view of an NCHW-like tensor
+        x = torch.randn(shape[0], 64, *shape[1:]).movedim(1, -1)
+    else:
+        x = torch.randn(*shape, 64)
+    x.requires_grad_()
+    g = torch.randn(*shape, 96)
+    (y, gx, gp), (y_ref, gx_ref, gp_ref) = _run(ours, x, g), _run(ref, x, g)
+    assert calls == [1]  # the oneDNN function ran
+    assert gx is not None and gx.shape == x.shape
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx, gx_ref, atol=1e-4, rtol=1e-5)
+    assert len(gp) == len(gp_ref) == (2 if bias else 1)
+    for a, b in zip(gp, gp_ref):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-5)
+
+
+@needs_dnn
+def test_frozen_weight_and_input_without_grad():
+    ours, ref = _pair(32, 48)
+    ours.weight.requires_grad_(False)
+    ref.weight.requires_grad_(False)
+    x = torch.randn(4, 5, 32)
+    g = torch.randn(4, 5, 48)
+    (y, gx, _), (y_ref, _, _) = _run(ours, x, g), _run(ref, x, g)
+    assert gx is None and ours.weight.grad is None
+    torch.testing.assert_close(ours.bias.grad, ref.bias.grad)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_dnn
+def test_forward_gelu_fuses_only_without_grad():
+    ours, _ = _pair(64, 192)
+    x = torch.randn(3, 9, 64)
+    want = F.gelu(F.linear(x, ours.weight, ours.bias))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.forward_gelu(x), want, atol=1e-5,
+                                   rtol=1e-5)
+    y = ours.forward_gelu(x.requires_grad_())
+    assert y.grad_fn.name() == 'GeluBackward0'  # unfused: GELU has a grad
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+
+
+def test_plain_path_where_onednn_does_not_apply(monkeypatch):
+    monkeypatch.setattr(DnnLinearFunction, 'apply',
+                        lambda *a: pytest.fail('oneDNN path taken'))
+    ours, ref = _pair(16, 8)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    # float64, CPU autocast and JIT tracing keep nn.Linear's own call
+    ours64 = Linear(16, 8).double()
+    assert ours64(x.double()).dtype == torch.float64
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert ours(x).dtype == torch.bfloat16
+    traced = torch.jit.trace(ours, x.detach())
+    assert 'aten::linear' in str(traced.graph)
+    with torch.backends.mkldnn.flags(enabled=False):
+        torch.testing.assert_close(ours(x), ref(x))
+
+
+def test_checkpoints_interchange_with_nn_linear():
+    ours, ref = _pair(12, 20)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    fresh = Linear(12, 20)
+    fresh.load_state_dict(ref.state_dict())
+    assert torch.equal(fresh.weight, ref.weight)
