@@ -128,24 +128,34 @@ MMB_INLINE float hmax(v16 x) {
 
 constexpr int QB = 4;  // queries per register block
 
+// Blocks of QB queries x NV 16-lane vectors: NV = 2 where the width allows
+// (each load or broadcast then feeds two products), else 1.
+
+// s_i[jb + j] = scale * sum_c q_i[c] kt[c, jb + j], j < 16 * NV
+template <int NV>
+MMB_INLINE void logits4_block(const float* const* q, const float* kt,
+                              float* const* s, int64_t d, int64_t nk16,
+                              int64_t jb, float scale) {
+  v16 acc[QB][NV] = {};
+  for (int64_t c = 0; c < d; ++c) {
+    v16 kv[NV];
+    for (int v = 0; v < NV; ++v) kv[v] = load16(kt + c * nk16 + jb + 16 * v);
+    for (int i = 0; i < QB; ++i) {
+      const float qi = q[i][c];
+      for (int v = 0; v < NV; ++v) acc[i][v] += qi * kv[v];
+    }
+  }
+  for (int i = 0; i < QB; ++i)
+    for (int v = 0; v < NV; ++v)
+      store16(s[i] + jb + 16 * v, acc[i][v] * scale);
+}
+
 // s_i[j] = scale * sum_c q_i[c] kt[c, j], j < nk16 (kt: (d, nk16))
 MMB_INLINE void logits4(const float* const* q, const float* kt, float* const* s,
              int64_t d, int64_t nk16, float scale) {
-  for (int64_t jb = 0; jb < nk16; jb += 16) {
-    v16 a0{}, a1{}, a2{}, a3{};
-    const float* col = kt + jb;
-    for (int64_t c = 0; c < d; ++c) {
-      const v16 kv = load16(col + c * nk16);
-      a0 += q[0][c] * kv;
-      a1 += q[1][c] * kv;
-      a2 += q[2][c] * kv;
-      a3 += q[3][c] * kv;
-    }
-    store16(s[0] + jb, a0 * scale);
-    store16(s[1] + jb, a1 * scale);
-    store16(s[2] + jb, a2 * scale);
-    store16(s[3] + jb, a3 * scale);
-  }
+  int64_t jb = 0;
+  for (; jb + 32 <= nk16; jb += 32) logits4_block<2>(q, kt, s, d, nk16, jb, scale);
+  for (; jb < nk16; jb += 16) logits4_block<1>(q, kt, s, d, nk16, jb, scale);
 }
 
 // out[j] = sum of the lanes of x[j], j < 16 (a transpose-and-add tree)
@@ -194,38 +204,56 @@ MMB_INLINE void logits4_rows(const float* const* q, const float* const* rows,
   }
 }
 
+// o_i[cb + c] = inv_i * sum_{j < nk} p_i[j] rows[j][cb + c], c < 16 * NV
+template <int NV>
+MMB_INLINE void wsum4_block(const float* const* p, const float* const* rows,
+                            float* const* o, const float* inv, int64_t nk,
+                            int64_t cb) {
+  v16 acc[QB][NV] = {};
+  for (int64_t j = 0; j < nk; ++j) {
+    v16 vv[NV];
+    for (int v = 0; v < NV; ++v) vv[v] = load16(rows[j] + cb + 16 * v);
+    for (int i = 0; i < QB; ++i) {
+      const float pi = p[i][j];
+      for (int v = 0; v < NV; ++v) acc[i][v] += pi * vv[v];
+    }
+  }
+  for (int i = 0; i < QB; ++i)
+    for (int v = 0; v < NV; ++v)
+      store16(o[i] + cb + 16 * v, acc[i][v] * inv[i]);
+}
+
 // o_i[c] = inv_i * sum_{j < nk} p_i[j] rows[j][c]
 MMB_INLINE void wsum4(const float* const* p, const float* const* rows,
                       float* const* o, const float* inv, int64_t nk,
                       int64_t dv) {
-  for (int64_t cb = 0; cb < dv; cb += 16) {
-    v16 a0{}, a1{}, a2{}, a3{};
-    for (int64_t j = 0; j < nk; ++j) {
-      const v16 vv = load16(rows[j] + cb);
-      a0 += p[0][j] * vv;
-      a1 += p[1][j] * vv;
-      a2 += p[2][j] * vv;
-      a3 += p[3][j] * vv;
-    }
-    store16(o[0] + cb, a0 * inv[0]);
-    store16(o[1] + cb, a1 * inv[1]);
-    store16(o[2] + cb, a2 * inv[2]);
-    store16(o[3] + cb, a3 * inv[3]);
+  int64_t cb = 0;
+  for (; cb + 32 <= dv; cb += 32) wsum4_block<2>(p, rows, o, inv, nk, cb);
+  for (; cb < dv; cb += 16) wsum4_block<1>(p, rows, o, inv, nk, cb);
+}
+
+// acc[j][cb + c] += sum_i w_i[j] x_i[cb + c], j < nk, c < 16 * NV
+template <int NV>
+MMB_INLINE void rank4_block(float* const* acc, const float* const* w,
+                            const float* const* x, int64_t nk, int64_t cb) {
+  v16 xv[QB][NV];
+  for (int i = 0; i < QB; ++i)
+    for (int v = 0; v < NV; ++v) xv[i][v] = load16(x[i] + cb + 16 * v);
+  for (int64_t j = 0; j < nk; ++j) {
+    float* a = acc[j] + cb;
+    const float w0 = w[0][j], w1 = w[1][j], w2 = w[2][j], w3 = w[3][j];
+    for (int v = 0; v < NV; ++v)
+      store16(a + 16 * v, load16(a + 16 * v) + w0 * xv[0][v] +
+                              w1 * xv[1][v] + w2 * xv[2][v] + w3 * xv[3][v]);
   }
 }
 
 // acc[j][c] += sum_i w_i[j] x_i[c], j < nk
 MMB_INLINE void rank4(float* const* acc, const float* const* w,
                       const float* const* x, int64_t nk, int64_t c_dim) {
-  for (int64_t cb = 0; cb < c_dim; cb += 16) {
-    const v16 x0 = load16(x[0] + cb), x1 = load16(x[1] + cb),
-              x2 = load16(x[2] + cb), x3 = load16(x[3] + cb);
-    for (int64_t j = 0; j < nk; ++j) {
-      float* a = acc[j] + cb;
-      store16(a, load16(a) + w[0][j] * x0 + w[1][j] * x1 + w[2][j] * x2 +
-                     w[3][j] * x3);
-    }
-  }
+  int64_t cb = 0;
+  for (; cb + 32 <= c_dim; cb += 32) rank4_block<2>(acc, w, x, nk, cb);
+  for (; cb < c_dim; cb += 16) rank4_block<1>(acc, w, x, nk, cb);
 }
 
 // s <- exp(s - shift) on j < nk, 0 on the padding; returns the sum
