@@ -17,13 +17,17 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import cpu_ext
+from .dwconv import depthwise_input_grad
 
-__all__ = ['BRACpuAttention', 'cpu_attention', 'cpu_backend_applies',
-           'token_cpu_attention']
+__all__ = ['BRACpuAttention', 'BRACpuLepeAttention', 'cpu_attention',
+           'cpu_backend_applies', 'token_cpu_attention',
+           'token_cpu_attention_lepe']
 
 
 def cpu_backend_applies(q: Tensor, v: Tensor, head_dim: int,
@@ -70,12 +74,92 @@ class BRACpuAttention(torch.autograd.Function):
         go = grad_out.transpose(1, 2)
         if go.stride(-1) != 1:
             go = go.contiguous()
-        dq, dk, dv = ctx.kernels.bra_backward(go, q.transpose(1, 2),
-                                              k.transpose(1, 2),
-                                              v.transpose(1, 2), out, lse,
-                                              idx, h, w, nw, ctx.scale)
-        return (dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2),
-                None, None, None)
+        grads = [x.new_empty(x.transpose(1, 2).shape) for x in (q, k, v)]
+        ctx.kernels.bra_backward(go, q.transpose(1, 2), k.transpose(1, 2),
+                                 v.transpose(1, 2), out, lse, idx, h, w, nw,
+                                 ctx.scale, *grads)
+        dq, dk, dv = (x.transpose(1, 2) for x in grads)
+        return dq, dk, dv, None, None, None
+
+
+def _split_qkv(t: Tensor, qk_dim: int, heads: int):
+    """q, k, v views ``(N, L, h, c)`` of a ``(N, H, W, 2 qk_dim + C)``
+    map (or of its gradient)."""
+    n, h, w, _ = t.shape
+    # views (never copies: the kernels write into the gradient's views)
+    return [x.view(n, h * w, heads, -1)
+            for x in t.split([qk_dim, qk_dim, t.shape[-1] - 2 * qk_dim], -1)]
+
+
+class BRACpuLepeAttention(torch.autograd.Function):
+    """``apply(qkv, topk_index, weight, bias, geometry, scale)``: the
+    attention of the ``q | k | v`` channels of ``qkv`` ``(N, H, W, 2 qk_dim
+    + C)`` plus the LePE of ``v`` (a depthwise conv with ``weight``
+    ``(C, 1, k, k)`` and ``bias``, padding ``k // 2``); ``geometry`` is
+    ``(H, W, n_win, heads, qk_dim)``; returns ``(N, H, W, C)``.
+
+    The backward writes dq, dk and dv (attention plus LePE) into one
+    qkv-shaped gradient: autograd then neither sums the two dv nor
+    concatenates the three gradients behind the split.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, topk_index: Tensor, weight: Tensor,
+                bias: Optional[Tensor], geometry: Tuple[int, ...],
+                scale: float) -> Tensor:
+        kernels = cpu_ext.load()
+        h, w, nw, heads, qk_dim = geometry
+        need_attn_grad = ctx.needs_input_grad[0]
+        idx = topk_index.contiguous()
+        out, lse = kernels.bra_forward(*_split_qkv(qkv, qk_dim, heads), idx,
+                                       h, w, nw, scale, need_attn_grad)
+        v = qkv[..., 2 * qk_dim:]
+        c, k = v.shape[-1], weight.shape[-1]
+        lepe = F.conv2d(v.permute(0, 3, 1, 2), weight, bias, 1, k // 2, 1, c)
+        ctx.save_for_backward(qkv, weight, out, lse, idx)
+        ctx.geometry, ctx.scale, ctx.kernels = geometry, scale, kernels
+        ctx.has_bias = bias is not None
+        return out.view(qkv.shape[0], h, w, c) + lepe.permute(0, 2, 3, 1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        qkv, weight, out, lse, idx = ctx.saved_tensors
+        h, w, nw, heads, qk_dim = ctx.geometry
+        need_qkv, _, need_w, need_b = ctx.needs_input_grad[:4]
+        if grad_out.stride(-1) != 1:
+            grad_out = grad_out.contiguous()
+        v = qkv[..., 2 * qk_dim:]
+        dqkv = dw = db = None
+        if need_qkv:
+            dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+            go = grad_out.view(grad_out.shape[0], h * w, heads, -1)
+            ctx.kernels.bra_backward(go, *_split_qkv(qkv, qk_dim, heads),
+                                     out, lse, idx, h, w, nw, ctx.scale,
+                                     *_split_qkv(dqkv, qk_dim, heads))
+            dv_lepe = depthwise_input_grad(grad_out.permute(0, 3, 1, 2),
+                                           weight)
+            dqkv[..., 2 * qk_dim:].add_(dv_lepe.permute(0, 2, 3, 1))
+        if need_w:
+            dw = ctx.kernels.dwconv_weight_grad(v, grad_out, weight.shape[-1])
+        if need_b and ctx.has_bias:
+            db = grad_out.sum((0, 1, 2))
+        return dqkv, None, dw, db, None, None
+
+
+def token_cpu_attention_lepe(qkv: Tensor, topk_index: Tensor, n_win: int,
+                             heads: int, qk_dim: int, scale: float,
+                             lepe: nn.Conv2d) -> Tensor:
+    """BRA plus LePE of the channels-last ``qkv`` projection ``(N, H, W,
+    2 qk_dim + C)`` (unit channel stride, ``H``/``W`` multiples of
+    ``n_win``) with the C++ kernels, as :class:`BRACpuLepeAttention`;
+    ``lepe`` is the depthwise ``(C, C, k, k)`` conv of the values
+    (stride 1, padding ``k // 2``). Check :func:`cpu_backend_applies`
+    first."""
+    _, h, w, _ = qkv.shape
+    return BRACpuLepeAttention.apply(qkv, topk_index, lepe.weight,
+                                     lepe.bias, (h, w, n_win, heads, qk_dim),
+                                     float(scale))
 
 
 def token_cpu_attention(q: Tensor, k: Tensor, v: Tensor, topk_index: Tensor,

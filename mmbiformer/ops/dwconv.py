@@ -30,7 +30,15 @@ from torch.autograd.function import once_differentiable
 
 from . import cpu_ext
 
-__all__ = ['DepthwiseConv2d', 'DepthwiseConvFunction']
+__all__ = ['DepthwiseConv2d', 'DepthwiseConvFunction', 'depthwise_input_grad']
+
+
+def depthwise_input_grad(grad_out: Tensor, weight: Tensor) -> Tensor:
+    """Input gradient of ``F.conv2d(x, weight, padding=k // 2, groups=C)``
+    (stride 1): the same depthwise conv of ``grad_out`` (N, C, H, W) with
+    the kernel flipped."""
+    k, c = weight.shape[-1], weight.shape[0]
+    return F.conv2d(grad_out, weight.flip([2, 3]), None, 1, k // 2, 1, c)
 
 
 class DepthwiseConvFunction(torch.autograd.Function):
@@ -50,12 +58,11 @@ class DepthwiseConvFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
         x, weight = ctx.saved_tensors
-        k, c = weight.shape[-1], weight.shape[0]
+        k = weight.shape[-1]
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dx = dw = db = None
         if need_x:
-            dx = F.conv2d(grad_out, weight.flip([2, 3]), None, 1, k // 2, 1,
-                          c)
+            dx = depthwise_input_grad(grad_out, weight)
         if need_w:
 
             def nhwc(t: Tensor) -> Tensor:

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from .cpu_bra import cpu_backend_applies, token_cpu_attention
+from .cpu_bra import (cpu_backend_applies, token_cpu_attention,
+                      token_cpu_attention_lepe)
 from .dwconv import DepthwiseConv2d
 from .functional import BACKENDS, bra_attention, select_backend
 from .fused_cpu import token_dense_attention, use_token_dense
@@ -183,13 +184,21 @@ class BiLevelRoutingAttention(nn.Module):
             # small map: dense masked attention in the map's token order
             # (see mmbiformer.ops.fused_cpu), no region-major copies
             token_order = token_dense_attention
-        if token_order is not None:
+        with_lepe = self.lepe is not None
+        if token_order is token_cpu_attention and with_lepe and \
+                not torch.is_autocast_enabled('cpu'):
+            # attention and LePE in one op with one qkv-shaped gradient
+            logits, topk_index = self._route_token_order(qkv, n, rh, rw)
+            out = token_cpu_attention_lepe(qkv, topk_index, nw, m,
+                                           self.qk_dim, self.scale, self.lepe)
+            with_lepe = False
+        elif token_order is not None:
             logits, topk_index = self._route_token_order(qkv, n, rh, rw)
             out = token_order(q, k, v, topk_index, nw, m, self.scale)
         else:
             out, logits, topk_index = self._region_major(
                 q, k, v, backend, masked, n, h_in, w_in, hp, wp)
-        if self.lepe is not None:
+        if with_lepe:
             lepe = self.lepe(v.permute(0, 3, 1, 2))
             out = out + lepe.permute(0, 2, 3, 1)
         out = self.wo(out)

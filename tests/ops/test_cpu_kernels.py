@@ -86,6 +86,31 @@ def test_token_order_kernel_matches_reference(n, hw, n_win, heads, d, dv,
 
 
 @needs_kernels
+@pytest.mark.parametrize('qkv_grad', [True, False])
+def test_attention_with_lepe_op_matches_separate_ops(qkv_grad):
+    """BRACpuLepeAttention = token_cpu_attention(q, k, v) + conv(v), values
+    and gradients (qk_dim != dim, 3x3 LePE with bias)."""
+    torch.manual_seed(3)
+    n, h, w, heads, qk_dim, dim, n_win = 2, 12, 12, 2, 64, 96, 3
+    qkv = torch.randn(n, h, w, 2 * qk_dim + dim, requires_grad=qkv_grad)
+    conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+    idx = _routes(n, n_win * n_win, 4)
+    g = torch.randn(n, h, w, dim)
+    params = list(conv.parameters()) + ([qkv] if qkv_grad else [])
+
+    out = cpu_bra.token_cpu_attention_lepe(qkv, idx, n_win, heads, qk_dim,
+                                           0.2, conv)
+    grads = torch.autograd.grad((out * g).sum(), params)
+    q, k, v = qkv.split([qk_dim, qk_dim, dim], -1)
+    ref = cpu_bra.token_cpu_attention(q, k, v, idx, n_win, heads, 0.2) + \
+        conv(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    ref_grads = torch.autograd.grad((ref * g).sum(), params)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+@needs_kernels
 def test_region_major_functional_backend():
     torch.manual_seed(1)
     q = torch.randn(2, 2, 9, 5, 32, requires_grad=True)
@@ -103,15 +128,19 @@ def test_region_major_functional_backend():
 
 
 @needs_kernels
+@pytest.mark.parametrize('side_dwconv,op', [
+    (5, cpu_bra.BRACpuLepeAttention),  # attention + LePE, one qkv gradient
+    (3, cpu_bra.BRACpuLepeAttention),
+    (0, cpu_bra.BRACpuAttention),
+])
 def test_module_cpu_backend_matches_reference_and_auto_picks_it(
-        monkeypatch):
+        monkeypatch, side_dwconv, op):
     calls = []
-    apply = cpu_bra.BRACpuAttention.apply
-    monkeypatch.setattr(cpu_bra.BRACpuAttention, 'apply',
-                        lambda *a: calls.append(1) or apply(*a))
+    apply = op.apply
+    monkeypatch.setattr(op, 'apply', lambda *a: calls.append(1) or apply(*a))
     torch.manual_seed(0)
     m = BiLevelRoutingAttention(64, num_heads=2, n_win=7, topk=4,
-                                auto_pad=True)
+                                auto_pad=True, side_dwconv=side_dwconv)
     x = torch.randn(2, 30, 23, 64)  # padded to 35 x 28
     g = torch.randn(2, 30, 23, 64)
     (y, gx, gp, info), (y_ref, gx_ref, gp_ref, info_ref) = run_backends(

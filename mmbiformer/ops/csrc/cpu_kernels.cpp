@@ -538,23 +538,30 @@ std::vector<torch::Tensor> bra_forward(torch::Tensor q, torch::Tensor k,
   return {out, lse};
 }
 
-// -> dq (N, L, h, d), dk (N, L, h, d), dv (N, L, h, dv), contiguous
-std::vector<torch::Tensor> bra_backward(torch::Tensor grad_out,
-                                        torch::Tensor q, torch::Tensor k,
-                                        torch::Tensor v, torch::Tensor out,
-                                        torch::Tensor lse, torch::Tensor idx,
-                                        int64_t H, int64_t W, int64_t nw,
-                                        double scale) {
+// Writes dq, dk (N, L, h, d) and dv (N, L, h, dv): views with a unit last
+// stride (e.g. slices of one qkv-shaped gradient), overwritten.
+void bra_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k,
+                  torch::Tensor v, torch::Tensor out, torch::Tensor lse,
+                  torch::Tensor idx, int64_t H, int64_t W, int64_t nw,
+                  double scale, torch::Tensor dq, torch::Tensor dk,
+                  torch::Tensor dv) {
   check_bra_inputs(q, k, v, idx, H, W, nw);
   TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_out.stride(3) == 1 &&
                   out.stride(3) == 1 && lse.is_contiguous() &&
                   lse.numel() == q.size(0) * q.size(2) * q.size(1),
               "bra_backward: grad_out/out must be (N, L, h, dv), lse (N, h, L)");
+  TORCH_CHECK(dq.sizes() == q.sizes() && dk.sizes() == k.sizes() &&
+                  dv.sizes() == v.sizes() && dq.stride(3) == 1 &&
+                  dk.stride(3) == 1 && dv.stride(3) == 1 &&
+                  dq.scalar_type() == at::kFloat &&
+                  dk.scalar_type() == at::kFloat &&
+                  dv.scalar_type() == at::kFloat,
+              "bra_backward: dq, dk, dv must be float32 views shaped like q, "
+              "k, v with a unit last stride");
   const int64_t N = q.size(0), L = q.size(1), nh = q.size(2), d = q.size(3);
   const int64_t dvd = v.size(3), R = nw * nw;
-  auto dq = torch::empty({N, L, nh, d}, q.options());
-  auto dk = torch::zeros({N, L, nh, d}, q.options());
-  auto dv = torch::zeros({N, L, nh, dvd}, q.options());
+  dk.zero_();  // accumulated in place
+  dv.zero_();
   const GeomTables tables(W, nw, H / nw, W / nw);
   const BraArgs a{view4(q), view4(k), view4(v), view4(out), view4(grad_out),
                   view4(dq), view4(dk), view4(dv), lse.data_ptr<float>(),
@@ -564,7 +571,6 @@ std::vector<torch::Tensor> bra_backward(torch::Tensor grad_out,
   at::parallel_for(0, N * nh, 1, [&](int64_t i0, int64_t i1) {
     bra_backward_items(a, i0, i1);
   });
-  return {dq, dk, dv};
 }
 
 
@@ -598,5 +604,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bra_forward", &bra_forward,
         "bi-level routing attention, token order (out, lse)");
   m.def("bra_backward", &bra_backward,
-        "gradients (dq, dk, dv) of bra_forward");
+        "gradients of bra_forward, written into the given dq, dk, dv");
 }
