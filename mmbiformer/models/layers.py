@@ -188,7 +188,7 @@ class BiFormerBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, C, H, W)."""
         if self.pos_embed is not None:
-            x = x + self.pos_embed(x)
+            x = self.pos_embed.forward_residual(x)  # x + pos_embed(x)
         x = x.permute(0, 2, 3, 1)
         x = self._add_branch(x, self.attn(self.norm1(x)))
         x = self._add_branch(x, self._mlp(self.norm2(x)))

@@ -9,8 +9,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from .cpu_bra import (cpu_backend_applies, token_cpu_attention,
-                      token_cpu_attention_lepe)
+from .cpu_bra import (
+    cpu_backend_applies,
+    token_cpu_attention,
+    token_cpu_attention_lepe,
+)
 from .dwconv import DepthwiseConv2d
 from .functional import BACKENDS, bra_attention, select_backend
 from .fused_cpu import token_dense_attention, use_token_dense

@@ -215,6 +215,34 @@ def test_depthwise_conv_gradients_match_conv2d(monkeypatch, k,
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize('grad', [True, False])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_depthwise_conv_residual_equals_input_plus_conv(grad, dtype):
+    """forward_residual(x) = x + conv(x), values and gradients (float32:
+    the identity folded into the kernel; bfloat16: the plain sum)."""
+    torch.manual_seed(2)
+    conv = DepthwiseConv2d(32, 3).to(dtype)
+    x = torch.randn(2, 32, 10, 7, dtype=dtype).contiguous(
+        memory_format=torch.channels_last)
+    g = torch.randn(2, 32, 10, 7, dtype=dtype)
+    res = []
+    for fn in (conv.forward_residual, lambda t: t + conv(t)):
+        conv.zero_grad()
+        xi = x.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            y = fn(xi)
+        if grad:
+            (y.float() * g.float()).sum().backward()
+            res.append((y, xi.grad, conv.weight.grad.clone(),
+                        conv.bias.grad.clone()))
+        else:
+            res.append((y, ))
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else \
+        dict(atol=0, rtol=0)  # bfloat16 takes the very same ops
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, **tol)
+
+
 def test_depthwise_conv_without_grad_is_plain_conv(monkeypatch):
     monkeypatch.setattr(DepthwiseConvFunction, 'apply',
                         lambda *a: pytest.fail('custom backward used'))
