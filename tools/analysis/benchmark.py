@@ -40,6 +40,10 @@ def parse_args(argv=None):
                    '(round 1 of all configs, then round 2, ...), and keep '
                    "each one's best round: on a shared machine the load "
                    'changes between measurements')
+    p.add_argument('--optimizer', default='adamw',
+                   choices=['adamw', 'adamw-fused'],
+                   help="training step's optimiser, the same for every "
+                   "config: torch's default AdamW, or AdamW(fused=True)")
     p.add_argument('--threads', type=int, default=None,
                    help='torch CPU threads (default: torch decides)')
     p.add_argument('--device', default=None, help='cpu or cuda[:N]')
@@ -66,7 +70,7 @@ def worker(args):
     res = run_benchmark(args.configs[0], mode=mode, batch=batch,
                         img_size=args.img_size, warmup=args.warmup,
                         repeats=args.repeats, device=args.device,
-                        profile_rows=args.profile)
+                        profile_rows=args.profile, optimizer=args.optimizer)
     print('@@RESULT ' + json.dumps(res.as_dict()), flush=True)
 
 
@@ -75,7 +79,8 @@ def measure(args, config, mode):
            '--modes', mode, '--infer-batch', str(args.infer_batch),
            '--train-batch', str(args.train_batch), '--img-size',
            str(args.img_size), '--warmup', str(args.warmup), '--repeats',
-           str(args.repeats), '--profile', str(args.profile)]
+           str(args.repeats), '--profile', str(args.profile),
+           '--optimizer', args.optimizer]
     if args.threads:
         cmd += ['--threads', str(args.threads)]
     if args.device:
@@ -136,7 +141,7 @@ def main(argv=None):
               f"{results[0]['threads']}, image {args.img_size}x"
               f'{args.img_size}, median of {args.repeats} after '
               f'{args.warmup} warm-up iterations, best of {args.rounds} '
-              'interleaved round(s)\n')
+              f'interleaved round(s), training optimiser {args.optimizer}\n')
         print('| config | mode | batch | img/s | x first | ms/iter | '
               'peak MB |')
         print('| --- | --- | ---: | ---: | ---: | ---: | ---: |')
