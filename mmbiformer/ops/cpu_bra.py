@@ -87,7 +87,7 @@ def _split_qkv(t: Tensor, qk_dim: int, heads: int):
     map (or of its gradient)."""
     n, h, w, _ = t.shape
     # views (never copies: the kernels write into the gradient's views)
-    return [x.view(n, h * w, heads, -1)
+    return [x.view(n, h * w, heads, x.shape[-1] // heads)
             for x in t.split([qk_dim, qk_dim, t.shape[-1] - 2 * qk_dim], -1)]
 
 
@@ -127,13 +127,19 @@ class BRACpuLepeAttention(torch.autograd.Function):
         qkv, weight, out, lse, idx = ctx.saved_tensors
         h, w, nw, heads, qk_dim = ctx.geometry
         need_qkv, _, need_w, need_b = ctx.needs_input_grad[:4]
+        if qkv.numel() == 0:  # empty batch: nothing for the kernels to do
+            return (torch.zeros_like(qkv) if need_qkv else None, None,
+                    torch.zeros_like(weight) if need_w else None,
+                    grad_out.new_zeros(weight.shape[0])
+                    if need_b and ctx.has_bias else None, None, None)
         if grad_out.stride(-1) != 1:
             grad_out = grad_out.contiguous()
         v = qkv[..., 2 * qk_dim:]
         dqkv = dw = db = None
         if need_qkv:
             dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
-            go = grad_out.view(grad_out.shape[0], h * w, heads, -1)
+            go = grad_out.view(grad_out.shape[0], h * w, heads,
+                               grad_out.shape[-1] // heads)
             ctx.kernels.bra_backward(go, *_split_qkv(qkv, qk_dim, heads),
                                      out, lse, idx, h, w, nw, ctx.scale,
                                      *_split_qkv(dqkv, qk_dim, heads))

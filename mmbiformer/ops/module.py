@@ -188,16 +188,17 @@ class BiLevelRoutingAttention(nn.Module):
             # (see mmbiformer.ops.fused_cpu), no region-major copies
             token_order = token_dense_attention
         with_lepe = self.lepe is not None
-        if token_order is token_cpu_attention and with_lepe and \
-                not torch.is_autocast_enabled('cpu'):
-            # attention and LePE in one op with one qkv-shaped gradient
+        if token_order is not None:
             logits, topk_index = self._route_token_order(qkv, n, rh, rw)
-            out = token_cpu_attention_lepe(qkv, topk_index, nw, m,
-                                           self.qk_dim, self.scale, self.lepe)
-            with_lepe = False
-        elif token_order is not None:
-            logits, topk_index = self._route_token_order(qkv, n, rh, rw)
-            out = token_order(q, k, v, topk_index, nw, m, self.scale)
+            if token_order is token_cpu_attention and with_lepe and \
+                    not torch.is_autocast_enabled('cpu'):
+                # attention and LePE in one op, one qkv-shaped gradient
+                out = token_cpu_attention_lepe(qkv, topk_index, nw, m,
+                                               self.qk_dim, self.scale,
+                                               self.lepe)
+                with_lepe = False
+            else:
+                out = token_order(q, k, v, topk_index, nw, m, self.scale)
         else:
             out, logits, topk_index = self._region_major(
                 q, k, v, backend, masked, n, h_in, w_in, hp, wp)

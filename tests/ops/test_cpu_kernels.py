@@ -111,6 +111,17 @@ def test_attention_with_lepe_op_matches_separate_ops(qkv_grad):
 
 
 @needs_kernels
+def test_attention_with_lepe_op_empty_batch():
+    qkv = torch.randn(0, 12, 12, 224, requires_grad=True)
+    conv = nn.Conv2d(96, 96, 3, padding=1, groups=96)
+    idx = torch.zeros(0, 9, 4, dtype=torch.long)
+    out = cpu_bra.token_cpu_attention_lepe(qkv, idx, 3, 2, 64, 0.2, conv)
+    out.sum().backward()
+    assert out.shape == (0, 12, 12, 96) and qkv.grad.shape == qkv.shape
+    assert not conv.weight.grad.any() and not conv.bias.grad.any()
+
+
+@needs_kernels
 def test_region_major_functional_backend():
     torch.manual_seed(1)
     q = torch.randn(2, 2, 9, 5, 32, requires_grad=True)
