@@ -18,12 +18,11 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import cpu_ext
-from .dwconv import depthwise_input_grad
+from .dwconv import depthwise_conv, depthwise_input_grad
 
 __all__ = ['BRACpuAttention', 'BRACpuLepeAttention', 'cpu_attention',
            'cpu_backend_applies', 'token_cpu_attention',
@@ -114,12 +113,11 @@ class BRACpuLepeAttention(torch.autograd.Function):
         out, lse = kernels.bra_forward(*_split_qkv(qkv, qk_dim, heads), idx,
                                        h, w, nw, scale, need_attn_grad)
         v = qkv[..., 2 * qk_dim:]
-        c, k = v.shape[-1], weight.shape[-1]
-        lepe = F.conv2d(v.permute(0, 3, 1, 2), weight, bias, 1, k // 2, 1, c)
+        lepe = depthwise_conv(v.permute(0, 3, 1, 2), weight, bias)
         ctx.save_for_backward(qkv, weight, out, lse, idx)
         ctx.geometry, ctx.scale, ctx.kernels = geometry, scale, kernels
         ctx.has_bias = bias is not None
-        return out.view(qkv.shape[0], h, w, c) + lepe.permute(0, 2, 3, 1)
+        return out.view(v.shape) + lepe.permute(0, 2, 3, 1)
 
     @staticmethod
     @once_differentiable

@@ -22,6 +22,8 @@ than 1 and ``k // 2``) calls ``nn.Conv2d.forward`` unchanged.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -30,29 +32,37 @@ from torch.autograd.function import once_differentiable
 
 from . import cpu_ext
 
-__all__ = ['DepthwiseConv2d', 'DepthwiseConvFunction', 'depthwise_input_grad']
+__all__ = [
+    'DepthwiseConv2d', 'DepthwiseConvFunction', 'depthwise_conv',
+    'depthwise_input_grad'
+]
+
+
+def depthwise_conv(x: Tensor, weight: Tensor,
+                   bias: Optional[Tensor] = None) -> Tensor:
+    """``F.conv2d(x, weight, bias, padding=k // 2, groups=C)``, stride 1:
+    the depthwise conv of an (N, C, H, W) map with a (C, 1, k, k) kernel."""
+    k, c = weight.shape[-1], weight.shape[0]
+    return F.conv2d(x, weight, bias, 1, k // 2, 1, c)
 
 
 def depthwise_input_grad(grad_out: Tensor, weight: Tensor) -> Tensor:
-    """Input gradient of ``F.conv2d(x, weight, padding=k // 2, groups=C)``
-    (stride 1): the same depthwise conv of ``grad_out`` (N, C, H, W) with
-    the kernel flipped."""
-    k, c = weight.shape[-1], weight.shape[0]
-    return F.conv2d(grad_out, weight.flip([2, 3]), None, 1, k // 2, 1, c)
+    """Input gradient of :func:`depthwise_conv`: the same depthwise conv of
+    ``grad_out`` (N, C, H, W) with the kernel flipped."""
+    return depthwise_conv(grad_out, weight.flip([2, 3]))
 
 
 class DepthwiseConvFunction(torch.autograd.Function):
-    """``apply(x, weight, bias, kernels)``: ``F.conv2d(x, weight, bias,
-    padding=k // 2, groups=C)`` with the backward described in the module
-    docstring (``kernels`` is the loaded :mod:`~.cpu_ext` module)."""
+    """``apply(x, weight, bias, kernels)``: :func:`depthwise_conv` with the
+    backward described in the module docstring (``kernels`` is the loaded
+    :mod:`~.cpu_ext` module)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias, kernels) -> Tensor:
-        k = weight.shape[-1]
         ctx.save_for_backward(x, weight)
         ctx.kernels = kernels
         ctx.has_bias = bias is not None
-        return F.conv2d(x, weight, bias, 1, k // 2, 1, weight.shape[0])
+        return depthwise_conv(x, weight, bias)
 
     @staticmethod
     @once_differentiable
