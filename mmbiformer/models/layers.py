@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.dwconv import DepthwiseConv2d
-from ..ops.linear import Linear
+from ..ops.linear import Linear, gelu_mlp
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -195,10 +195,9 @@ class BiFormerBlock(nn.Module):
         return x.permute(0, 3, 1, 2)
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        # self.mlp(x), with the GELU fused into the first product where the
-        # Linear can (inference on the CPU)
-        fc1, fc2 = self.mlp[0], self.mlp[3]
-        return fc2(fc1.forward_gelu(x))
+        # self.mlp(x); on the CPU one op in training, the GELU fused into
+        # the first product in inference
+        return gelu_mlp(x, self.mlp[0], self.mlp[3])
 
     def _add_branch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if isinstance(self.drop_path, DropPath):

@@ -12,6 +12,9 @@ there (measured per shape of BiFormer-S, see ``docs/benchmarks.md``).
 * Input gradient: oneDNN for at least :data:`DNN_GRAD_MIN_ROWS` rows,
   else the BLAS (oneDNN was slower on BiFormer-S's last stage, 392 rows).
 * Weight and bias gradients: ``grad^T @ x`` (BLAS) and a sum.
+* :func:`gelu_mlp` runs a block's ``fc2(gelu(fc1(x)))`` as one op
+  (:class:`DnnMlpFunction`) whose backward computes the GELU gradient in
+  place; without gradients the GELU is fused into ``fc1``.
 
 The results equal ``nn.Linear``'s to float rounding (another summation
 order). Anything else (other dtypes or devices, CPU autocast, oneDNN
@@ -30,7 +33,10 @@ from torch.autograd.function import once_differentiable
 
 from . import cpu_ext
 
-__all__ = ['Linear', 'DnnLinearFunction', 'dnn_linear_applies']
+__all__ = [
+    'Linear', 'DnnLinearFunction', 'DnnMlpFunction', 'dnn_linear_applies',
+    'gelu_mlp'
+]
 
 #: Rows (tokens) from which the input gradient runs in oneDNN.
 DNN_GRAD_MIN_ROWS = 2048
@@ -58,6 +64,18 @@ def _dnn(x: Tensor, weight: Tensor, bias: Optional[Tensor],
                      'none' if post == 'gelu' else '')
 
 
+def _input_grad(grad_out: Tensor, weight: Tensor) -> Tensor:
+    """``grad_out @ weight``: the input gradient of ``F.linear``."""
+    g2 = grad_out.reshape(-1, grad_out.shape[-1])
+    if g2.shape[0] >= DNN_GRAD_MIN_ROWS:
+        return _dnn(grad_out, weight.t().contiguous(), None)
+    return g2.mm(weight).view(*grad_out.shape[:-1], weight.shape[1])
+
+
+def _rows(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
 class DnnLinearFunction(torch.autograd.Function):
     """``apply(x, weight, bias)``: ``F.linear(x, weight, bias)`` with the
     products described in the module docstring."""
@@ -74,19 +92,51 @@ class DnnLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad
-        g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        dx = dw = db = None
-        if need_x:
-            if g2.shape[0] >= DNN_GRAD_MIN_ROWS:
-                dx = _dnn(grad_out, weight.t().contiguous(), None)
-            else:
-                dx = g2.mm(weight).view(*grad_out.shape[:-1],
-                                        weight.shape[1])
-        if need_w:
-            dw = g2.t().mm(x.reshape(-1, x.shape[-1]))
-        if need_b and ctx.has_bias:
-            db = g2.sum(0)
+        g2 = _rows(grad_out)
+        dx = _input_grad(grad_out, weight) if need_x else None
+        dw = g2.t().mm(_rows(x)) if need_w else None
+        db = g2.sum(0) if need_b and ctx.has_bias else None
         return dx, dw, db
+
+
+class DnnMlpFunction(torch.autograd.Function):
+    """``apply(x, w1, b1, w2, b2)``: ``F.linear(F.gelu(F.linear(x, w1,
+    b1)), w2, b2)`` (exact GELU) as one op, products as in
+    :class:`DnnLinearFunction`.
+
+    Saves what the three separate ops save (``x``, the hidden pre-activation
+    and the GELU output), but the backward computes the GELU gradient in
+    place in the hidden gradient it has just made, instead of in a fresh
+    tensor of the hidden size: the widest activation of the block is written
+    once less, and no new memory is faulted in for it.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w1: Tensor, b1: Optional[Tensor],
+                w2: Tensor, b2: Optional[Tensor]) -> Tensor:
+        h = _dnn(x, w1, b1)
+        g = nn.functional.gelu(h)
+        ctx.save_for_backward(x, h, g, w1, w2)
+        ctx.has_bias = (b1 is not None, b2 is not None)
+        return _dnn(g, w2, b2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        x, h, g, w1, w2 = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+        dy = _rows(grad_out)
+        dw2 = dy.t().mm(_rows(g)) if need_w2 else None
+        db2 = dy.sum(0) if need_b2 and ctx.has_bias[1] else None
+        if not (need_x or need_w1 or need_b1):
+            return None, None, None, dw2, db2
+        # dL/dh = (dy @ w2) * gelu'(h), in place in the fresh dy @ w2
+        dh = _input_grad(grad_out, w2)
+        torch.ops.aten.gelu_backward.grad_input(dh, h, grad_input=dh)
+        dx = _input_grad(dh, w1) if need_x else None
+        dw1 = _rows(dh).t().mm(_rows(x)) if need_w1 else None
+        db1 = _rows(dh).sum(0) if need_b1 and ctx.has_bias[0] else None
+        return dx, dw1, db1, dw2, db2
 
 
 class Linear(nn.Linear):
@@ -111,3 +161,21 @@ class Linear(nn.Linear):
         if dnn_linear_applies(x, self.weight) and not self._records_grad(x):
             return _dnn(x, self.weight, self.bias, 'gelu')
         return nn.functional.gelu(self(x))
+
+
+def gelu_mlp(x: Tensor, fc1: nn.Linear, fc2: nn.Linear) -> Tensor:
+    """``fc2(F.gelu(fc1(x)))`` (exact GELU), the MLP of a transformer block.
+
+    On the oneDNN path (see :func:`dnn_linear_applies`) with gradients it
+    runs as one :class:`DnnMlpFunction`; without gradients the GELU is fused
+    into ``fc1``'s product; otherwise the modules are called as they are.
+    """
+    if isinstance(fc1, Linear) and isinstance(fc2, Linear) and \
+            (fc1._records_grad(x) or fc2._records_grad(x)) and \
+            dnn_linear_applies(x, fc1.weight) and \
+            dnn_linear_applies(x, fc2.weight):
+        return DnnMlpFunction.apply(x, fc1.weight, fc1.bias, fc2.weight,
+                                    fc2.bias)
+    if isinstance(fc1, Linear):
+        return fc2(fc1.forward_gelu(x))
+    return fc2(nn.functional.gelu(fc1(x)))

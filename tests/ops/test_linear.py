@@ -6,7 +6,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmbiformer.ops import linear as lin
-from mmbiformer.ops.linear import DnnLinearFunction, Linear
+from mmbiformer.ops.linear import (
+    DnnLinearFunction,
+    DnnMlpFunction,
+    Linear,
+    gelu_mlp,
+)
 
 needs_dnn = pytest.mark.skipif(
     not (torch.backends.mkldnn.is_available() and lin._dnn_op() is not None),
@@ -104,3 +109,72 @@ def test_checkpoints_interchange_with_nn_linear():
     fresh = Linear(12, 20)
     fresh.load_state_dict(ref.state_dict())
     assert torch.equal(fresh.weight, ref.weight)
+
+
+def _mlp_pair(cin, hidden, bias=True):
+    torch.manual_seed(0)
+    ours = nn.Sequential(Linear(cin, hidden, bias=bias), nn.GELU(),
+                         Linear(hidden, cin, bias=bias))
+    ref = nn.Sequential(nn.Linear(cin, hidden, bias=bias), nn.GELU(),
+                        nn.Linear(hidden, cin, bias=bias))
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+@needs_dnn
+@pytest.mark.parametrize('rows', [(2, 40, 30), (3, 7)],
+                         ids=['oneDNN-input-grads', 'BLAS-input-grads'])
+@pytest.mark.parametrize('bias', [True, False])
+def test_gelu_mlp_is_one_op_with_the_gradients_of_three(monkeypatch, rows,
+                                                        bias):
+    calls = []
+    apply = DnnMlpFunction.apply
+    monkeypatch.setattr(DnnMlpFunction, 'apply',
+                        lambda *a: calls.append(1) or apply(*a))
+    ours, ref = _mlp_pair(32, 96, bias)
+    x = torch.randn(*rows, 32).requires_grad_()
+    g = torch.randn(*rows, 32)
+    x_ref = x.detach().clone().requires_grad_()
+    y = gelu_mlp(x, ours[0], ours[2])
+    y_ref = ref(x_ref)
+    assert calls == [1] and y.grad_fn.name() == 'DnnMlpFunctionBackward'
+    (y * g).sum().backward()
+    (y_ref * g).sum().backward()
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-4, rtol=1e-5)
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
+        assert a.grad is not None, name
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-3, rtol=1e-5,
+                                   msg=name)
+
+
+@needs_dnn
+def test_gelu_mlp_with_frozen_layers_and_without_grad():
+    ours, ref = _mlp_pair(16, 48)
+    x = torch.randn(2, 5, 16)
+    g = torch.randn(2, 5, 16)
+    # fc1 frozen, input without grad: only fc2's gradients are asked for
+    for layer in (ours[0], ref[0]):
+        layer.requires_grad_(False)
+    (gelu_mlp(x, ours[0], ours[2]) * g).sum().backward()
+    (ref(x) * g).sum().backward()
+    assert ours[0].weight.grad is None and ours[0].bias.grad is None
+    torch.testing.assert_close(ours[2].weight.grad, ref[2].weight.grad,
+                               atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(ours[2].bias.grad, ref[2].bias.grad)
+    # without gradients: the GELU fused into fc1, no autograd graph
+    with torch.no_grad():
+        y = gelu_mlp(x, ours[0], ours[2])
+        torch.testing.assert_close(y, ref(x), atol=1e-5, rtol=1e-5)
+    assert y.grad_fn is None
+
+
+def test_gelu_mlp_keeps_plain_modules(monkeypatch):
+    monkeypatch.setattr(DnnMlpFunction, 'apply',
+                        lambda *a: pytest.fail('fused MLP taken'))
+    _, ref = _mlp_pair(8, 16)
+    x = torch.randn(4, 8, requires_grad=True)
+    torch.testing.assert_close(gelu_mlp(x, ref[0], ref[2]), ref(x))
+    ours, _ = _mlp_pair(8, 16)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert gelu_mlp(x, ours[0], ours[2]).dtype == torch.bfloat16
