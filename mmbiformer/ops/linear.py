@@ -4,14 +4,18 @@ that is faster than the default BLAS.
 BiFormer's linear layers are narrow (64 and 128 channels in the first two
 stages of the small models) and long (one row per token). For such shapes
 oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``) beats torch's
-default CPU BLAS call (``addmm``) in the forward and in the input gradient
-of long inputs; the weight gradient stays with the BLAS, which was faster
-there (measured per shape of BiFormer-S, see ``docs/benchmarks.md``).
+default CPU BLAS call (``addmm``/``mm``) in the forward and in the input
+gradient; the weight gradient stays with the BLAS, which was faster there
+(measured per shape of BiFormer-S, see ``docs/benchmarks.md``).
 
 * Forward (training and inference): oneDNN.
-* Input gradient: oneDNN for at least :data:`DNN_GRAD_MIN_ROWS` rows,
-  else the BLAS (oneDNN was slower on BiFormer-S's last stage, 392 rows).
-* Weight and bias gradients: ``grad^T @ x`` (BLAS) and a sum.
+* Input gradient ``grad @ weight``: oneDNN, reading the weight through its
+  transposed view (a contiguous copy of it cost more than it saved on the
+  short inputs of the last stages).
+* Weight gradient: ``grad^T @ x`` (BLAS) when the layer widens
+  (``out >= in``), else ``(x^T @ grad)^T``: the BLAS was faster with the
+  wider side as the rows of the product (e.g. 4.9 -> 4.0 ms for 192 -> 64
+  channels over 25088 rows). Bias gradient: a sum.
 * :func:`gelu_mlp` runs a block's ``fc2(gelu(fc1(x)))`` as one op
   (:class:`DnnMlpFunction`) whose backward computes the GELU gradient in
   place; without gradients the GELU is fused into ``fc1``.
@@ -38,10 +42,6 @@ __all__ = [
     'gelu_mlp'
 ]
 
-#: Rows (tokens) from which the input gradient runs in oneDNN.
-DNN_GRAD_MIN_ROWS = 2048
-
-
 def _dnn_op():
     ops = getattr(torch.ops, 'mkldnn', None)
     return getattr(ops, '_linear_pointwise', None) if ops is not None \
@@ -64,16 +64,22 @@ def _dnn(x: Tensor, weight: Tensor, bias: Optional[Tensor],
                      'none' if post == 'gelu' else '')
 
 
-def _input_grad(grad_out: Tensor, weight: Tensor) -> Tensor:
-    """``grad_out @ weight``: the input gradient of ``F.linear``."""
-    g2 = grad_out.reshape(-1, grad_out.shape[-1])
-    if g2.shape[0] >= DNN_GRAD_MIN_ROWS:
-        return _dnn(grad_out, weight.t().contiguous(), None)
-    return g2.mm(weight).view(*grad_out.shape[:-1], weight.shape[1])
-
-
 def _rows(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
+
+
+def _input_grad(grad_out: Tensor, weight: Tensor) -> Tensor:
+    """``grad_out @ weight``: the input gradient of ``F.linear``."""
+    return _dnn(grad_out, weight.t(), None)
+
+
+def _weight_grad(grad_out: Tensor, x: Tensor) -> Tensor:
+    """``grad_out^T @ x`` over all rows: the weight gradient of
+    ``F.linear``, with the wider side as the rows of the product."""
+    g2, x2 = _rows(grad_out), _rows(x)
+    if g2.shape[1] >= x2.shape[1]:
+        return g2.t().mm(x2)
+    return x2.t().mm(g2).t().contiguous()
 
 
 class DnnLinearFunction(torch.autograd.Function):
@@ -92,10 +98,9 @@ class DnnLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad
-        g2 = _rows(grad_out)
         dx = _input_grad(grad_out, weight) if need_x else None
-        dw = g2.t().mm(_rows(x)) if need_w else None
-        db = g2.sum(0) if need_b and ctx.has_bias else None
+        dw = _weight_grad(grad_out, x) if need_w else None
+        db = _rows(grad_out).sum(0) if need_b and ctx.has_bias else None
         return dx, dw, db
 
 
@@ -125,16 +130,15 @@ class DnnMlpFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         x, h, g, w1, w2 = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
-        dy = _rows(grad_out)
-        dw2 = dy.t().mm(_rows(g)) if need_w2 else None
-        db2 = dy.sum(0) if need_b2 and ctx.has_bias[1] else None
+        dw2 = _weight_grad(grad_out, g) if need_w2 else None
+        db2 = _rows(grad_out).sum(0) if need_b2 and ctx.has_bias[1] else None
         if not (need_x or need_w1 or need_b1):
             return None, None, None, dw2, db2
         # dL/dh = (dy @ w2) * gelu'(h), in place in the fresh dy @ w2
         dh = _input_grad(grad_out, w2)
         torch.ops.aten.gelu_backward.grad_input(dh, h, grad_input=dh)
         dx = _input_grad(dh, w1) if need_x else None
-        dw1 = _rows(dh).t().mm(_rows(x)) if need_w1 else None
+        dw1 = _weight_grad(dh, x) if need_w1 else None
         db1 = _rows(dh).sum(0) if need_b1 and ctx.has_bias[0] else None
         return dx, dw1, db1, dw2, db2
 

@@ -35,22 +35,23 @@ def _run(layer, x, g):
 
 @needs_dnn
 @pytest.mark.parametrize('shape', [(2, 40, 30), (2, 7, 7), (300, )],
-                         ids=['oneDNN-input-grad', 'BLAS-input-grad', '2d'])
+                         ids=['long', 'short', '2d'])
 @pytest.mark.parametrize('bias', [True, False])
 @pytest.mark.parametrize('layout', ['contiguous', 'permuted'])
+@pytest.mark.parametrize('cout', [96, 40], ids=['widens', 'narrows'])
 def test_values_and_gradients_match_nn_linear(monkeypatch, shape, bias,
-                                              layout):
+                                              layout, cout):
     calls = []
     apply = DnnLinearFunction.apply
     monkeypatch.setattr(DnnLinearFunction, 'apply',
                         lambda *a: calls.append(1) or apply(*a))
-    ours, ref = _pair(64, 96, bias)
+    ours, ref = _pair(64, cout, bias)
     if layout == 'permuted':  # channels-last view of an NCHW-like tensor
         x = torch.randn(shape[0], 64, *shape[1:]).movedim(1, -1)
     else:
         x = torch.randn(*shape, 64)
     x.requires_grad_()
-    g = torch.randn(*shape, 96)
+    g = torch.randn(*shape, cout)
     (y, gx, gp), (y_ref, gx_ref, gp_ref) = _run(ours, x, g), _run(ref, x, g)
     assert calls == [1]  # the oneDNN function ran
     assert gx is not None and gx.shape == x.shape
@@ -58,6 +59,7 @@ def test_values_and_gradients_match_nn_linear(monkeypatch, shape, bias,
     torch.testing.assert_close(gx, gx_ref, atol=1e-4, rtol=1e-5)
     assert len(gp) == len(gp_ref) == (2 if bias else 1)
     for a, b in zip(gp, gp_ref):
+        assert a.is_contiguous()
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-5)
 
 
@@ -123,7 +125,7 @@ def _mlp_pair(cin, hidden, bias=True):
 
 @needs_dnn
 @pytest.mark.parametrize('rows', [(2, 40, 30), (3, 7)],
-                         ids=['oneDNN-input-grads', 'BLAS-input-grads'])
+                         ids=['long', 'short'])
 @pytest.mark.parametrize('bias', [True, False])
 def test_gelu_mlp_is_one_op_with_the_gradients_of_three(monkeypatch, rows,
                                                         bias):
