@@ -13,6 +13,9 @@ that config's alone.
   'adamw-fused'`` its fused kernel, ``AdamW(fused=True)``, for every
   model alike; the default one loops over the parameter tensors in Python,
   which weighs a model by its number of tensors as much as by its size).
+  With ``amp`` (``'bf16'`` or ``'fp16'``) the step runs under
+  ``torch.autocast``: on CUDA through mmengine's ``AmpOptimWrapper`` (loss
+  scaling for float16), on the CPU in bfloat16 only.
   Detectors and segmentors run forward in ``mode='tensor'`` and
   back-propagate the sum of their outputs' means: the network's cost
   without target assignment, which depends on the annotations.
@@ -36,12 +39,14 @@ import torch
 from .memory import proc_status_kb, reset_peak_rss
 
 __all__ = [
-    'BenchmarkResult', 'OPTIMIZERS', 'parse_target', 'resolve_config_path',
-    'run_benchmark'
+    'AMP_DTYPES', 'BenchmarkResult', 'OPTIMIZERS', 'parse_target',
+    'resolve_config_path', 'run_benchmark'
 ]
 
 #: optimiser of a training step -> keyword arguments of torch.optim.AdamW
 OPTIMIZERS = {'adamw': {}, 'adamw-fused': {'fused': True}}
+#: mixed-precision choice -> autocast dtype
+AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
 @dataclass
@@ -57,6 +62,8 @@ class BenchmarkResult:
     threads: int
     #: the optimiser of a ``train`` measurement (see OPTIMIZERS)
     optimizer: Optional[str] = None
+    #: autocast dtype (see AMP_DTYPES), None for float32
+    amp: Optional[str] = None
     #: torch.profiler table of one extra step (``profile_rows > 0``)
     profile: Optional[str] = None
 
@@ -177,7 +184,8 @@ def run_benchmark(target: str,
                   repeats: int = 5,
                   device: Optional[str] = None,
                   profile_rows: int = 0,
-                  optimizer: str = 'adamw') -> BenchmarkResult:
+                  optimizer: str = 'adamw',
+                  amp: Optional[str] = None) -> BenchmarkResult:
     """Measure one config in one mode; see the module docstring.
 
     With ``profile_rows > 0`` one more step runs under
@@ -189,8 +197,14 @@ def run_benchmark(target: str,
     if optimizer not in OPTIMIZERS:
         raise ValueError(f'optimizer={optimizer!r} is not one of '
                          f'{sorted(OPTIMIZERS)}')
+    if amp is not None and amp not in AMP_DTYPES:
+        raise ValueError(f'amp={amp!r} is not one of {sorted(AMP_DTYPES)} '
+                         '(or None for float32)')
     dev = torch.device(device or ('cuda' if torch.cuda.is_available()
                                   else 'cpu'))
+    if amp == 'fp16' and dev.type != 'cuda':
+        raise ValueError("amp='fp16' needs CUDA (loss scaling); on the CPU "
+                         "use amp='bf16' or float32 (amp=None)")
     path, overrides = parse_target(target)
     import mmbiformer  # noqa: F401  (imports torch and the toolboxes first)
     base_rss = _rss_mb()
@@ -202,19 +216,31 @@ def run_benchmark(target: str,
         num_classes = head.num_classes
     data = _synthetic_batch(scope, batch, img_size, num_classes)
 
+    import contextlib
+    autocast = (lambda: torch.autocast(dev.type, dtype=AMP_DTYPES[amp])
+                ) if amp else contextlib.nullcontext
     if mode == 'infer':
         model.eval()
 
         def step():
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 prepared = model.data_preprocessor(data, False)
                 model(prepared['inputs'], mode='tensor')
     else:
         model.train()
-        from mmengine.optim import OptimWrapper
-        optim = OptimWrapper(
-            torch.optim.AdamW(model.parameters(), lr=1e-4,
-                              **OPTIMIZERS[optimizer]))
+        from mmengine.optim import AmpOptimWrapper, OptimWrapper
+        adamw = torch.optim.AdamW(model.parameters(), lr=1e-4,
+                                  **OPTIMIZERS[optimizer])
+        if amp and dev.type == 'cuda':
+            # what a config's AmpOptimWrapper does: autocast in
+            # optim_context, a dynamic loss scale for float16
+            optim = AmpOptimWrapper(
+                optimizer=adamw, dtype=str(AMP_DTYPES[amp]).split('.')[-1],
+                loss_scale='dynamic')
+        elif amp:  # CPU bfloat16: autocast in optim_context, no scaling
+            optim = _autocast_wrapper(OptimWrapper, adamw, autocast)
+        else:
+            optim = OptimWrapper(adamw)
 
         if scope == 'mmpretrain':
 
@@ -223,8 +249,9 @@ def run_benchmark(target: str,
         else:
 
             def step():
-                prepared = model.data_preprocessor(data, True)
-                outs = model(prepared['inputs'], mode='tensor')
+                with optim.optim_context(model):
+                    prepared = model.data_preprocessor(data, True)
+                    outs = model(prepared['inputs'], mode='tensor')
                 flat = []
 
                 def collect(x):
@@ -273,7 +300,23 @@ def run_benchmark(target: str,
         device=_device_name(dev),
         threads=torch.get_num_threads(),
         optimizer=optimizer if mode == 'train' else None,
+        amp=amp,
         profile=table)
+
+
+def _autocast_wrapper(base: type, optimizer, autocast):
+    """An instance of ``base`` (an mmengine optimiser wrapper) whose
+    ``optim_context`` also enters ``autocast()``."""
+    import contextlib
+
+    class _Autocast(base):
+
+        @contextlib.contextmanager
+        def optim_context(self, model):
+            with super().optim_context(model), autocast():
+                yield
+
+    return _Autocast(optimizer)
 
 
 def _profile(step, sync, dev: torch.device, rows: int) -> str:

@@ -187,10 +187,17 @@ class BiLevelRoutingAttention(nn.Module):
             # small map: dense masked attention in the map's token order
             # (see mmbiformer.ops.fused_cpu), no region-major copies
             token_order = token_dense_attention
+        token_triton = False
+        if backend == 'triton' and not masked:
+            from .triton_bra import token_triton_applies
+            token_triton = token_triton_applies(qkv, self.qk_dim // m,
+                                                self.dim // m)
         with_lepe = self.lepe is not None
-        if token_order is not None:
+        if token_order is not None or token_triton:
             logits, topk_index = self._route_token_order(qkv, n, rh, rw)
-            if token_order is token_cpu_attention and with_lepe and \
+            if token_triton:
+                out = self._token_triton(qkv, topk_index)
+            elif token_order is token_cpu_attention and with_lepe and \
                     not torch.is_autocast_enabled('cpu'):
                 # attention and LePE in one op, one qkv-shaped gradient
                 out = token_cpu_attention_lepe(qkv, topk_index, nw, m,
@@ -219,6 +226,13 @@ class BiLevelRoutingAttention(nn.Module):
                     n_win=nw, padded_hw=(hp, wp), region_hw=(rh, rw),
                     backend=backend)
         return out, info
+
+    def _token_triton(self, qkv: Tensor, topk_index: Tensor) -> Tensor:
+        """The Triton kernels on the ``qkv`` output in token order."""
+        from .triton_bra import token_triton_attention
+        return token_triton_attention(qkv, topk_index, self.n_win,
+                                      self.num_heads, self.qk_dim,
+                                      self.scale)
 
     def _route_token_order(self, qkv: Tensor, n: int, rh: int,
                            rw: int) -> Tuple[Tensor, Tensor]:

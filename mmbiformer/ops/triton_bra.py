@@ -23,16 +23,20 @@ counters; see :mod:`mmbiformer.ops.flops`).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .routing import RegionGraph
 
-__all__ = ['BRATritonAttention', 'supports', 'triton_attention']
+__all__ = [
+    'BRATritonAttention', 'BRATritonTokenAttention', 'supports',
+    'token_triton_applies', 'token_triton_attention', 'triton_attention'
+]
 
 _MAX_HEAD_DIM = 256
 
@@ -44,23 +48,38 @@ def supports(q: Tensor) -> bool:
 
 
 @triton.jit
+def _token_offsets(b, m, reg, tok, NW, RW, sb, sm, sj, si, sy, sx):
+    """Element offset of token ``tok`` of region ``reg`` (head ``m``, image
+    ``b``): region ``reg`` is cell ``(reg // NW, reg % NW)`` of the region
+    grid, token ``tok`` cell ``(tok // RW, tok % RW)`` of the region."""
+    return (b * sb + m * sm + (reg // NW) * sj + (reg % NW) * si +
+            (tok // RW) * sy + (tok % RW) * sx)
+
+
+@triton.jit
 def _bra_fwd_kernel(Q, K, V, IDX, MASK, OUT, LSE, scale, H, R, S, TQ, TK,
-                    TOPK, D, DV, HAS_MASK: tl.constexpr,
-                    PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_DV: tl.constexpr):
+                    TOPK, D, DV, NWQ, RWQ, NWK, RWK,
+                    sqb, sqm, sqj, sqi, sqy, sqx,
+                    skb, skm, skj, ski, sky, skx,
+                    svb, svm, svj, svi, svy, svx,
+                    sob, som, soj, soi, soy, sox,
+                    HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_g = tl.program_id(1).to(tl.int64)  # ((b * H) + m) * R + r
     r = pid_g % R
     bh = pid_g // R
     b = bh // H
+    m = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < TQ
-    q_ptrs = Q + (pid_g * TQ + offs_m[:, None]) * D + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=m_ok[:, None] & (offs_d[None, :] < D),
-                other=0.0)
+    q_rows = _token_offsets(b, m, r, offs_m, NWQ, RWQ, sqb, sqm, sqj, sqi,
+                            sqy, sqx)
+    q = tl.load(Q + q_rows[:, None] + offs_d[None, :],
+                mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -71,8 +90,9 @@ def _bra_fwd_kernel(Q, K, V, IDX, MASK, OUT, LSE, scale, H, R, S, TQ, TK,
         kk = offs_n // TK
         tt = offs_n % TK
         s = tl.load(IDX + (b * R + r) * TOPK + kk, mask=n_ok, other=0)
-        row = (bh * S + s) * TK + tt  # token row in the (B*H*S*TK) view
-        k = tl.load(K + row[:, None] * D + offs_d[None, :],
+        k_rows = _token_offsets(b, m, s, tt, NWK, RWK, skb, skm, skj, ski,
+                                sky, skx)
+        k = tl.load(K + k_rows[:, None] + offs_d[None, :],
                     mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
         valid = n_ok
         if HAS_MASK:
@@ -84,22 +104,34 @@ def _bra_fwd_kernel(Q, K, V, IDX, MASK, OUT, LSE, scale, H, R, S, TQ, TK,
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + row[:, None] * DV + offs_dv[None, :],
+        v_rows = _token_offsets(b, m, s, tt, NWK, RWK, svb, svm, svj, svi,
+                                svy, svx)
+        v = tl.load(V + v_rows[:, None] + offs_dv[None, :],
                     mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v,
                                             input_precision=PREC)
         m_i = m_new
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    o_ptrs = OUT + (pid_g * TQ + offs_m[:, None]) * DV + offs_dv[None, :]
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty),
+    o_rows = _token_offsets(b, m, r, offs_m, NWQ, RWQ, sob, som, soj, soi,
+                            soy, sox)
+    tl.store(OUT + o_rows[:, None] + offs_dv[None, :],
+             out.to(OUT.dtype.element_ty),
              mask=m_ok[:, None] & (offs_dv[None, :] < DV))
     tl.store(LSE + pid_g * TQ + offs_m, m_i + tl.log(l_safe), mask=m_ok)
 
 
 @triton.jit
-def _bra_bwd_kernel(Q, K, V, IDX, MASK, DO, LSE, DELTA, DQ, DK, DV_,
-                    scale, H, R, S, TQ, TK, TOPK, D, DV,
+def _bra_bwd_kernel(Q, K, V, IDX, MASK, OUT, DO, LSE, DQ, DK, DV_,
+                    scale, H, R, S, TQ, TK, TOPK, D, DV, NWQ, RWQ, NWK, RWK,
+                    sqb, sqm, sqj, sqi, sqy, sqx,
+                    skb, skm, skj, ski, sky, skx,
+                    svb, svm, svj, svi, svy, svx,
+                    sob, som, soj, soi, soy, sox,
+                    sgb, sgm, sgj, sgi, sgy, sgx,
+                    sdqb, sdqm, sdqj, sdqi, sdqy, sdqx,
+                    sdkb, sdkm, sdkj, sdki, sdky, sdkx,
+                    sdvb, sdvm, sdvj, sdvi, sdvy, sdvx,
                     HAS_MASK: tl.constexpr, PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -109,19 +141,29 @@ def _bra_bwd_kernel(Q, K, V, IDX, MASK, DO, LSE, DELTA, DQ, DK, DV_,
     r = pid_g % R
     bh = pid_g // R
     b = bh // H
+    m = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < TQ
     d_ok = offs_d < D
     dv_ok = offs_dv < DV
-    q = tl.load(Q + (pid_g * TQ + offs_m[:, None]) * D + offs_d[None, :],
+    q_rows = _token_offsets(b, m, r, offs_m, NWQ, RWQ, sqb, sqm, sqj, sqi,
+                            sqy, sqx)
+    q = tl.load(Q + q_rows[:, None] + offs_d[None, :],
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    do = tl.load(DO + (pid_g * TQ + offs_m[:, None]) * DV +
-                 offs_dv[None, :], mask=m_ok[:, None] & dv_ok[None, :],
+    o_rows = _token_offsets(b, m, r, offs_m, NWQ, RWQ, sob, som, soj, soi,
+                            soy, sox)
+    g_rows = _token_offsets(b, m, r, offs_m, NWQ, RWQ, sgb, sgm, sgj, sgi,
+                            sgy, sgx)
+    qv_mask = m_ok[:, None] & dv_ok[None, :]
+    do = tl.load(DO + g_rows[:, None] + offs_dv[None, :], mask=qv_mask,
                  other=0.0)
+    o = tl.load(OUT + o_rows[:, None] + offs_dv[None, :], mask=qv_mask,
+                other=0.0)
+    # softmax backward term: rowsum(dO * O)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     lse = tl.load(LSE + pid_g * TQ + offs_m, mask=m_ok, other=0.0)
-    delta = tl.load(DELTA + pid_g * TQ + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     n_keys = TOPK * TK
     for n0 in range(0, n_keys, BLOCK_N):
@@ -130,10 +172,13 @@ def _bra_bwd_kernel(Q, K, V, IDX, MASK, DO, LSE, DELTA, DQ, DK, DV_,
         kk = offs_n // TK
         tt = offs_n % TK
         s = tl.load(IDX + (b * R + r) * TOPK + kk, mask=n_ok, other=0)
-        row = (bh * S + s) * TK + tt
-        k = tl.load(K + row[:, None] * D + offs_d[None, :],
+        k_rows = _token_offsets(b, m, s, tt, NWK, RWK, skb, skm, skj, ski,
+                                sky, skx)
+        v_rows = _token_offsets(b, m, s, tt, NWK, RWK, svb, svm, svj, svi,
+                                svy, svx)
+        k = tl.load(K + k_rows[:, None] + offs_d[None, :],
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + row[:, None] * DV + offs_dv[None, :],
+        v = tl.load(V + v_rows[:, None] + offs_dv[None, :],
                     mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
         valid = n_ok[None, :] & m_ok[:, None]
         if HAS_MASK:
@@ -148,11 +193,17 @@ def _bra_bwd_kernel(Q, K, V, IDX, MASK, DO, LSE, DELTA, DQ, DK, DV_,
                       input_precision=PREC)
         dv_t = tl.dot(tl.trans(p.to(do.dtype)), do,
                       input_precision=PREC)
-        tl.atomic_add(DK + row[:, None] * D + offs_d[None, :], dk_t,
+        dk_rows = _token_offsets(b, m, s, tt, NWK, RWK, sdkb, sdkm, sdkj,
+                                 sdki, sdky, sdkx)
+        dv_rows = _token_offsets(b, m, s, tt, NWK, RWK, sdvb, sdvm, sdvj,
+                                 sdvi, sdvy, sdvx)
+        tl.atomic_add(DK + dk_rows[:, None] + offs_d[None, :], dk_t,
                       mask=n_ok[:, None] & d_ok[None, :])
-        tl.atomic_add(DV_ + row[:, None] * DV + offs_dv[None, :], dv_t,
+        tl.atomic_add(DV_ + dv_rows[:, None] + offs_dv[None, :], dv_t,
                       mask=n_ok[:, None] & dv_ok[None, :])
-    tl.store(DQ + (pid_g * TQ + offs_m[:, None]) * D + offs_d[None, :],
+    dq_rows = _token_offsets(b, m, r, offs_m, NWQ, RWQ, sdqb, sdqm, sdqj,
+                             sdqi, sdqy, sdqx)
+    tl.store(DQ + dq_rows[:, None] + offs_d[None, :],
              dq.to(DQ.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
 
@@ -176,8 +227,78 @@ def _blocks(tq: int, n_keys: int, d: int, dv: int):
     return block_m, block_n, block_d, block_dv
 
 
+class _Geometry(NamedTuple):
+    """Sizes of one BRA call as the kernels see them: regions of query
+    and key/value tokens on grids ``NW`` regions wide, ``RW`` tokens wide
+    (see :func:`_token_offsets`)."""
+    batch: int
+    heads: int
+    regions: int
+    kv_regions: int
+    tq: int
+    tk: int
+    topk: int
+    d: int
+    dv: int
+    nwq: int
+    rwq: int
+    nwk: int
+    rwk: int
+
+
+def _region_major(t: Tensor) -> Tuple[int, ...]:
+    """Strides of a ``(B, h, S, T, c)`` tensor (unit last stride) for
+    :func:`_token_offsets` with ``NW = S`` and ``RW = T``."""
+    sb, sm, ss, st, _ = t.stride()
+    return (sb, sm, 0, ss, 0, st)
+
+
+def _token_order(t: Tensor, head_dim: int, rh: int,
+                 rw: int) -> Tuple[int, ...]:
+    """Strides of a channels-last map ``(N, H, W, heads * head_dim)`` (unit
+    channel stride) cut into regions of ``rh x rw`` tokens."""
+    sb, sy, sx, _ = t.stride()
+    return (sb, head_dim, rh * sy, rw * sx, sy, sx)
+
+
+def _launch_forward(g: _Geometry, q: Tensor, k: Tensor, v: Tensor,
+                    idx: Tensor, mask: Optional[Tensor], out: Tensor,
+                    scale: float, layouts) -> Tensor:
+    """Runs the forward kernel (writes ``out``); returns the log-sum-exp
+    ``(B, h, R, Tq)`` float32. ``layouts``: strides of q, k, v, out."""
+    lse = torch.empty(g.batch, g.heads, g.regions, g.tq,
+                      dtype=torch.float32, device=q.device)
+    bm, bn, bd, bdv = _blocks(g.tq, g.topk * g.tk, g.d, g.dv)
+    grid = (triton.cdiv(g.tq, bm), g.batch * g.heads * g.regions)
+    _bra_fwd_kernel[grid](
+        q, k, v, idx, idx if mask is None else mask, out, lse, scale,
+        g.heads, g.regions, g.kv_regions, g.tq, g.tk, g.topk, g.d, g.dv,
+        g.nwq, g.rwq, g.nwk, g.rwk, *(x for lay in layouts for x in lay),
+        HAS_MASK=mask is not None, PREC=_precision(q), BLOCK_M=bm,
+        BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv)
+    return lse
+
+
+def _launch_backward(g: _Geometry, q: Tensor, k: Tensor, v: Tensor,
+                     idx: Tensor, mask: Optional[Tensor], out: Tensor,
+                     grad_out: Tensor, lse: Tensor, dq: Tensor, dk: Tensor,
+                     dv: Tensor, scale: float, layouts) -> None:
+    """Runs the backward kernel: writes ``dq``, adds into ``dk``/``dv``
+    (float32). ``layouts``: strides of q, k, v, out, grad_out, dq, dk,
+    dv."""
+    bm, bn, bd, bdv = _blocks(g.tq, g.topk * g.tk, g.d, g.dv)
+    grid = (triton.cdiv(g.tq, bm), g.batch * g.heads * g.regions)
+    _bra_bwd_kernel[grid](
+        q, k, v, idx, idx if mask is None else mask, out, grad_out, lse, dq,
+        dk, dv, scale, g.heads, g.regions, g.kv_regions, g.tq, g.tk, g.topk,
+        g.d, g.dv, g.nwq, g.rwq, g.nwk, g.rwk,
+        *(x for lay in layouts for x in lay),
+        HAS_MASK=mask is not None, PREC=_precision(q), BLOCK_M=bm,
+        BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv)
+
+
 class BRATritonAttention(torch.autograd.Function):
-    """Triton BRA attention.
+    """Triton BRA attention on region-major tensors.
 
     ``apply(q, k, v, topk_index, key_mask, scale)`` with the layouts of
     :func:`mmbiformer.ops.bra_attention`.
@@ -190,42 +311,117 @@ class BRATritonAttention(torch.autograd.Function):
         idx = topk_index.contiguous()
         b, h, r, tq, d = q.shape
         s, tk, dv = k.shape[2], k.shape[3], v.shape[-1]
-        topk = idx.shape[-1]
+        g = _Geometry(b, h, r, s, tq, tk, idx.shape[-1], d, dv, r, tq, s, tk)
         mask = (key_mask.contiguous().to(torch.int8)
-                if key_mask is not None else idx)
+                if key_mask is not None else None)
         out = torch.empty(b, h, r, tq, dv, dtype=q.dtype, device=q.device)
-        lse = torch.empty(b, h, r, tq, dtype=torch.float32, device=q.device)
-        bm, bn, bd, bdv = _blocks(tq, topk * tk, d, dv)
-        grid = (triton.cdiv(tq, bm), b * h * r)
-        _bra_fwd_kernel[grid](q, k, v, idx, mask, out, lse, scale, h, r, s,
-                              tq, tk, topk, d, dv,
-                              HAS_MASK=key_mask is not None,
-                              PREC=_precision(q), BLOCK_M=bm,
-                              BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv)
+        lse = _launch_forward(g, q, k, v, idx, mask, out, scale,
+                              [_region_major(t) for t in (q, k, v, out)])
         ctx.save_for_backward(q, k, v, idx, mask, out, lse)
         ctx.scale = scale
-        ctx.has_mask = key_mask is not None
+        ctx.geometry = g
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: Tensor):
         q, k, v, idx, mask, out, lse = ctx.saved_tensors
-        b, h, r, tq, d = q.shape
-        s, tk, dv = k.shape[2], k.shape[3], v.shape[-1]
-        topk = idx.shape[-1]
         do = grad_out.contiguous()
-        delta = (do.float() * out.float()).sum(-1).contiguous()
         dq = torch.empty_like(q)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dvv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-        bm, bn, bd, bdv = _blocks(tq, topk * tk, d, dv)
-        grid = (triton.cdiv(tq, bm), b * h * r)
-        _bra_bwd_kernel[grid](q, k, v, idx, mask, do, lse, delta, dq, dk,
-                              dvv, ctx.scale, h, r, s, tq, tk, topk, d, dv,
-                              HAS_MASK=ctx.has_mask, PREC=_precision(q),
-                              BLOCK_M=bm, BLOCK_N=bn,
-                              BLOCK_D=bd, BLOCK_DV=bdv)
+        _launch_backward(ctx.geometry, q, k, v, idx, mask, out, do, lse, dq,
+                         dk, dvv, ctx.scale,
+                         [_region_major(t)
+                          for t in (q, k, v, out, do, dq, dk, dvv)])
         return dq, dk.to(k.dtype), dvv.to(v.dtype), None, None, None
+
+
+class BRATritonTokenAttention(torch.autograd.Function):
+    """Triton BRA attention that reads q, k and v where they lie in the
+    channels-last ``qkv`` projection and writes the output in the map's
+    token order: no region-major copies in or out, and the backward writes
+    one ``qkv``-shaped gradient.
+
+    ``apply(qkv, topk_index, geometry, scale)``: qkv ``(N, H, W, 2 qk_dim +
+    C)`` (``H``, ``W`` multiples of ``n_win``), topk_index ``(N, n_win**2,
+    K)``, geometry ``(n_win, heads, qk_dim)``; returns ``(N, H, W, C)``.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, topk_index: Tensor,
+                geometry: Tuple[int, int, int], scale: float) -> Tensor:
+        nw, heads, qk_dim = geometry
+        if qkv.stride(-1) != 1:
+            qkv = qkv.contiguous()
+        idx = topk_index.contiguous()
+        n, hp, wp, ctot = qkv.shape
+        dim = ctot - 2 * qk_dim
+        rh, rw = hp // nw, wp // nw
+        d, dv = qk_dim // heads, dim // heads
+        g = _Geometry(n, heads, nw * nw, nw * nw, rh * rw, rh * rw,
+                      idx.shape[-1], d, dv, nw, rw, nw, rw)
+        q, k, v = qkv.split([qk_dim, qk_dim, dim], dim=-1)
+        out = qkv.new_empty(n, hp, wp, dim)
+        lay_qk, lay_v = _token_order(q, d, rh, rw), _token_order(v, dv, rh,
+                                                                 rw)
+        lse = _launch_forward(g, q, k, v, idx, None, out, scale,
+                              [lay_qk, lay_qk, lay_v,
+                               _token_order(out, dv, rh, rw)])
+        ctx.save_for_backward(qkv, idx, out, lse)
+        ctx.scale = scale
+        ctx.geometry = g
+        ctx.qk_dim = qk_dim
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        qkv, idx, out, lse = ctx.saved_tensors
+        g, qk_dim = ctx.geometry, ctx.qk_dim
+        if grad_out.stride(-1) != 1:
+            grad_out = grad_out.contiguous()
+        dim = qkv.shape[-1] - 2 * qk_dim
+        rh, rw = qkv.shape[1] // g.nwq, qkv.shape[2] // g.nwq
+        q, k, v = qkv.split([qk_dim, qk_dim, dim], dim=-1)
+        # float32: dK/dV are accumulated with atomic adds
+        dqkv = torch.zeros(qkv.shape, dtype=torch.float32,
+                           device=qkv.device)
+        dq, dk, dv = dqkv.split([qk_dim, qk_dim, dim], dim=-1)
+        lay_qk = _token_order(q, g.d, rh, rw)
+        lay_v = _token_order(v, g.dv, rh, rw)
+        lay_dqk = _token_order(dq, g.d, rh, rw)
+        _launch_backward(g, q, k, v, idx, None, out, grad_out, lse, dq, dk,
+                         dv, ctx.scale,
+                         [lay_qk, lay_qk, lay_v,
+                          _token_order(out, g.dv, rh, rw),
+                          _token_order(grad_out, g.dv, rh, rw), lay_dqk,
+                          lay_dqk, _token_order(dv, g.dv, rh, rw)])
+        return dqkv.to(qkv.dtype), None, None, None
+
+
+def token_triton_applies(qkv: Tensor, head_dim: int,
+                         v_head_dim: int) -> bool:
+    """Whether :func:`token_triton_attention` takes this ``qkv``: a CUDA
+    tensor (or the interpreter) of a supported dtype and head dims, and no
+    graph capture (FLOP counters and exporters see the region-major op)."""
+    from .cpu_ext import capturing_graph
+    from .functional import triton_available
+    return (triton_available(qkv.device) and
+            qkv.dtype in (torch.float32, torch.float16, torch.bfloat16) and
+            max(head_dim, v_head_dim) <= _MAX_HEAD_DIM and
+            not capturing_graph())
+
+
+def token_triton_attention(qkv: Tensor, topk_index: Tensor, n_win: int,
+                           heads: int, qk_dim: int, scale: float) -> Tensor:
+    """BRA of the channels-last ``qkv`` projection ``(N, H, W, 2 qk_dim +
+    C)`` in token order with the Triton kernels (see
+    :class:`BRATritonTokenAttention`); returns ``(N, H, W, C)``. Check
+    :func:`token_triton_applies` first."""
+    return BRATritonTokenAttention.apply(qkv, topk_index,
+                                         (n_win, heads, qk_dim),
+                                         float(scale))
 
 
 def triton_attention(q: Tensor, k: Tensor, v: Tensor, graph: RegionGraph,

@@ -6,6 +6,7 @@ in the ImageNet and in the mmdet/mmseg format, their inputs and outputs, and
 the state-dict layout of the official tiny/small/base models.
 """
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,10 @@ from mmbiformer.models.checkpoint import (  # noqa: E402
 )
 
 REPO = Path(__file__).resolve().parents[2]
-FIXTURES = REPO / '..' / 'shared' / 'fixtures' / 'official'
+# MMBIFORMER_FIXTURES points elsewhere where the folder cannot sit beside
+# the checkout (e.g. a GPU machine that receives the repository alone)
+FIXTURES = Path(os.environ.get(
+    'MMBIFORMER_FIXTURES', REPO / '..' / 'shared' / 'fixtures' / 'official'))
 TOL = 1e-5
 
 pytestmark = pytest.mark.skipif(
@@ -119,6 +123,61 @@ def test_official_mini_classifier_fixture(tmp_path, backend):
     assert len(stage_outputs) == 4
     for ours, official in zip(stage_outputs, io['stage_outputs']):
         assert max_diff(ours, official) <= TOL
+
+
+def _last_block_outputs(backbone: BiFormer, x: torch.Tensor) -> list:
+    """The output of every stage's last block (before any out-norm)."""
+    outs = []
+    hooks = [stage[-1].register_forward_hook(
+        lambda m, i, o: outs.append(o.cpu())) for stage in backbone.stages]
+    try:
+        with torch.no_grad():
+            backbone(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return outs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.parametrize('backend', ['triton', 'gather', 'fused'])
+def test_official_mini_fixtures_on_cuda(backend):
+    """On a GPU, float32 without TF32: the official ImageNet and dense
+    checkpoints reproduce the official outputs (computed on the CPU) with
+    every CUDA backend."""
+    tf32 = (torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        backbone = BiFormer(
+            arch=MINI, n_win=7, attn_backend=backend,
+            init_cfg=dict(type='Pretrained', checkpoint=str(
+                FIXTURES / 'biformer_mini_in1k_official.pth')))
+        backbone.init_weights()
+        io = load('biformer_mini_in1k_io.pth')
+        outs = _last_block_outputs(backbone.cuda().eval(),
+                                   io['input'].cuda())
+        assert len(outs) == 4
+        for ours, official in zip(outs, io['stage_outputs']):
+            assert max_diff(ours, official) <= TOL
+
+        backbone = BiFormer(
+            arch=MINI, n_win=16, out_indices=(0, 1, 2, 3), auto_pad=True,
+            attn_backend=backend,
+            init_cfg=dict(type='Pretrained', prefix='backbone.',
+                          checkpoint=str(
+                              FIXTURES / 'biformer_mini_dense_official.pth')))
+        backbone.init_weights()
+        io = load('biformer_mini_dense_io.pth')
+        with torch.no_grad():
+            outs = backbone.cuda().eval()(io['input'].cuda())
+        assert len(outs) == 4
+        for ours, official in zip(outs, io['stage_outputs']):
+            assert max_diff(ours.cpu(), official) <= TOL
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.allow_tf32) = tf32
 
 
 def test_official_in1k_pretrained_init_into_backbone():

@@ -108,3 +108,87 @@ def test_triton_module_backend():
     ref = m(x)
     m.backend = 'triton'
     torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-4)
+
+
+@needs_in_process
+@pytest.mark.parametrize('hw,topk,qk_dim', [((4, 6), 2, None),
+                                            ((5, 3), 4, 32)])
+def test_triton_token_order_matches_reference(hw, topk, qk_dim):
+    """The module's token-order path (q/k/v read in place from the qkv
+    output, one qkv-shaped gradient): output and gradients of the input
+    and of every parameter equal the reference backend's."""
+    torch.manual_seed(0)
+    m = BiLevelRoutingAttention(16, num_heads=2, n_win=2, topk=topk,
+                                qk_dim=qk_dim, auto_pad=True).to(DEVICE)
+    x = torch.randn(2, *hw, 16, device=DEVICE)
+    results = []
+    for backend in ('reference', 'triton'):
+        m.backend = backend
+        m.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_()
+        y, info = m(xg, return_routing=True)
+        assert info['backend'] == backend
+        y.backward(torch.cos(y.detach()))
+        results.append([y, xg.grad] + [p.grad for p in m.parameters()])
+    for a, e in zip(*results[::-1]):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
+
+
+# BiFormer's routed stages at 224 (n_win 7) and at a detection size
+# (n_win 16, regions of 13 x 19 tokens): run on a GPU only, the
+# interpreter would take minutes
+STAGE_CASES = [
+    (2, 2, 49, 64, 1, 32, 32, False),    # stage 1 at 224: 8x8 regions
+    (2, 4, 49, 16, 4, 32, 32, False),    # stage 2
+    (2, 8, 49, 4, 16, 32, 32, False),    # stage 3: 2x2 regions
+    (1, 2, 256, 247, 1, 32, 32, True),   # stage 1 at 800x1216, padded
+]
+on_gpu = pytest.mark.skipif(DEVICE != 'cuda', reason='needs CUDA (the '
+                            'interpreter is too slow for these sizes)')
+
+
+@on_gpu
+@pytest.mark.parametrize('case', STAGE_CASES)
+def test_triton_stage_shapes_fp32(case):
+    qkv, idx, km = make(case)
+    ref, grad = fwd_bwd('gather', qkv, idx, km)
+    got, _ = fwd_bwd('triton', qkv, idx, km, grad)
+    for a, e in zip(got, ref):
+        torch.testing.assert_close(a, e, atol=2e-5, rtol=1e-4)
+
+
+@on_gpu
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('case', STAGE_CASES[:3])
+def test_triton_stage_shapes_low_precision(case, dtype):
+    """Half-precision kernels against the float32 result: errors of the
+    order of the inputs' rounding, and never worse than `gather` in the
+    same dtype by more than a small factor."""
+    qkv, idx, km = make(case)
+    ref, grad = fwd_bwd('gather', qkv, idx, km)
+    low = [x.to(dtype) for x in qkv]
+    got, _ = fwd_bwd('triton', low, idx, km, grad.to(dtype))
+    base, _ = fwd_bwd('gather', low, idx, km, grad.to(dtype))
+    for a, b, e in zip(got, base, ref):
+        assert a.dtype == dtype and torch.isfinite(a).all()
+        err = (a.float() - e).abs().max().item()
+        err_gather = (b.float() - e).abs().max().item()
+        assert err <= 2 * err_gather + 1e-2, (err, err_gather)
+
+
+@on_gpu
+def test_auto_is_triton_on_cuda_and_matches_gather():
+    torch.manual_seed(0)
+    m = BiLevelRoutingAttention(64, num_heads=2, n_win=7, topk=4,
+                                auto_pad=True).to(DEVICE)
+    x = torch.randn(2, 30, 44, 64, device=DEVICE, requires_grad=True)
+    y, info = m(x, return_routing=True)
+    assert info['backend'] == 'triton'
+    y.sum().backward()
+    gx = x.grad.clone()
+    x.grad = None
+    m.backend = 'gather'
+    y2 = m(x)
+    y2.sum().backward()
+    torch.testing.assert_close(y, y2, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(gx, x.grad, atol=2e-5, rtol=1e-4)

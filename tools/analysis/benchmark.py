@@ -44,6 +44,10 @@ def parse_args(argv=None):
                    choices=['adamw', 'adamw-fused'],
                    help="training step's optimiser, the same for every "
                    "config: torch's default AdamW, or AdamW(fused=True)")
+    p.add_argument('--amp', default=None, choices=['bf16', 'fp16'],
+                   help='mixed precision (torch.autocast) for every config: '
+                   "on CUDA through mmengine's AmpOptimWrapper in training; "
+                   'on the CPU bf16 only (default: float32)')
     p.add_argument('--threads', type=int, default=None,
                    help='torch CPU threads (default: torch decides)')
     p.add_argument('--device', default=None, help='cpu or cuda[:N]')
@@ -70,7 +74,8 @@ def worker(args):
     res = run_benchmark(args.configs[0], mode=mode, batch=batch,
                         img_size=args.img_size, warmup=args.warmup,
                         repeats=args.repeats, device=args.device,
-                        profile_rows=args.profile, optimizer=args.optimizer)
+                        profile_rows=args.profile, optimizer=args.optimizer,
+                        amp=args.amp)
     print('@@RESULT ' + json.dumps(res.as_dict()), flush=True)
 
 
@@ -85,6 +90,8 @@ def measure(args, config, mode):
         cmd += ['--threads', str(args.threads)]
     if args.device:
         cmd += ['--device', args.device]
+    if args.amp:
+        cmd += ['--amp', args.amp]
     env = dict(os.environ)
     if args.threads:
         env.setdefault('OMP_NUM_THREADS', str(args.threads))
@@ -141,7 +148,8 @@ def main(argv=None):
               f"{results[0]['threads']}, image {args.img_size}x"
               f'{args.img_size}, median of {args.repeats} after '
               f'{args.warmup} warm-up iterations, best of {args.rounds} '
-              f'interleaved round(s), training optimiser {args.optimizer}\n')
+              f'interleaved round(s), training optimiser {args.optimizer}, '
+              f"{'autocast ' + args.amp if args.amp else 'float32'}\n")
         print('| config | mode | batch | img/s | x first | ms/iter | '
               'peak MB |')
         print('| --- | --- | ---: | ---: | ---: | ---: | ---: |')

@@ -16,6 +16,10 @@ For every shape and backend, in a fresh subprocess per backend:
   layer and weights), since the dense ``reference`` does not fit at full
   size.
 
+``--dtype bfloat16`` / ``float16`` runs the layer (weights and input) in
+that dtype, as under mixed precision on a GPU; the reference then runs in
+the same dtype.
+
 By default the whole BRA layer is timed (``BiLevelRoutingAttention``: qkv
 projection, routing, attention, LePE, output projection, ``auto_pad``), as
 in a training step; ``--op core`` times the attention core
@@ -109,10 +113,12 @@ def worker(spec: Dict) -> Dict:
         _limit_memory(spec['mem_limit_gb'])
     torch.manual_seed(0)
     backend = spec['backend']
+    dtype = getattr(torch, spec.get('dtype', 'float32'))
     layer = BiLevelRoutingAttention(
         spec['dim'], num_heads=spec['heads'], n_win=spec['n_win'],
-        topk=spec['topk'], auto_pad=True, backend=backend).to(device)
+        topk=spec['topk'], auto_pad=True, backend=backend).to(device, dtype)
     res = dict(shape=spec['name'], backend=backend, device=str(device),
+               dtype=str(dtype).split('.')[-1],
                fwd_ms=None, fwd_bwd_ms=None, peak_mem_mb=None,
                max_abs_err=None, status='ok', op=spec['op'],
                omp_wait_policy=os.environ.get('OMP_WAIT_POLICY'),
@@ -124,7 +130,8 @@ def worker(spec: Dict) -> Dict:
 
     def make_step(batch: int, h: int, w: int):
         """Returns (x, fn) where fn(x) is the timed forward."""
-        x = torch.randn(batch, h, w, spec['dim'], device=device)
+        x = torch.randn(batch, h, w, spec['dim'], device=device,
+                        dtype=dtype)
         if spec['op'] == 'layer':
             return x, layer
         # core only: q/k/v/routing of the layer computed once, outside
@@ -251,6 +258,18 @@ def run_one(spec: Dict, timeout: int) -> Dict:
     return dict(base, status=status[:200])
 
 
+def run_in_process(spec: Dict) -> Dict:
+    """:func:`worker` in this process; CUDA memory is released after it."""
+    import gc
+
+    import torch
+    try:
+        return worker(spec)
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def merge(a: Dict, b: Dict) -> Dict:
     """Best of two runs of one (shape, backend): the lowest of each
     number among the runs that completed."""
@@ -304,6 +323,10 @@ def main(argv: Optional[List[str]] = None) -> None:
                         '(+ triton on CUDA, + cpu on the CPU)')
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('--op', default='layer', choices=['layer', 'core'])
+    parser.add_argument('--dtype', default='float32',
+                        choices=['float32', 'bfloat16', 'float16'],
+                        help='dtype of the layer and its input (max abs err '
+                        'is then against the reference in the same dtype)')
     parser.add_argument('--repeat', type=int, default=3)
     parser.add_argument('--rounds', type=int, default=1,
                         help='run all (shape, backend) processes this many '
@@ -319,6 +342,11 @@ def main(argv: Optional[List[str]] = None) -> None:
                         'reported as "oom" (0: no cap)')
     parser.add_argument('--json', action='store_true',
                         help='print one JSON object per (shape, backend)')
+    parser.add_argument('--in-process', action='store_true',
+                        help='CUDA: measure every (shape, backend) in this '
+                        'process, one after the other (no start-up per '
+                        'measurement; peak memory stays per measurement '
+                        'through torch.cuda.reset_peak_memory_stats)')
     parser.add_argument('--worker', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -328,6 +356,9 @@ def main(argv: Optional[List[str]] = None) -> None:
               if int(s['name'][-1]) in args.stages] + list(args.shape)
     if not shapes:
         parser.error('give --preset and/or --shape')
+    if args.in_process and args.device != 'cuda':
+        parser.error('--in-process needs --device cuda (CPU peak memory is '
+                     'a per-process high-water mark)')
     backends = args.backends or (
         ['official', 'gather', 'fused'] +
         (['triton'] if args.device == 'cuda' else ['cpu']))
@@ -337,10 +368,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         for shape in shapes:
             for backend in backends:
                 spec = dict(shape, backend=backend, device=args.device,
-                            op=args.op, repeat=args.repeat,
+                            op=args.op, repeat=args.repeat, dtype=args.dtype,
                             threads=args.threads,
                             mem_limit_gb=args.mem_limit_gb)
-                row = run_one(spec, args.timeout)
+                row = (run_in_process(spec) if args.in_process else
+                       run_one(spec, args.timeout))
                 key = (shape['name'], backend)
                 if key not in best:
                     order.append(key)
