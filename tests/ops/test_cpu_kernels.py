@@ -111,6 +111,29 @@ def test_attention_with_lepe_op_matches_separate_ops(qkv_grad):
 
 
 @needs_kernels
+def test_backward_kernel_overwrites_the_given_gradients():
+    """dq, dk, dv views handed to the kernel may hold anything (they are
+    fresh allocations): the kernel zeroes the dK/dV rows it accumulates
+    into, so NaN in them before the call leaves no trace."""
+    torch.manual_seed(1)
+    n, h, w, heads, d, nw = 2, 8, 8, 2, 16, 2
+    qkv = torch.randn(n, h, w, 3 * heads * d)
+    idx = _routes(n, nw * nw, 2)
+    q, k, v = cpu_bra._split_qkv(qkv, heads * d, heads)
+    kernels = cpu_ext.load()
+    out, lse = kernels.bra_forward(q, k, v, idx, h, w, nw, 0.25, True)
+    go = torch.randn_like(out)
+    grads = []
+    for fill in (0.0, float('nan')):
+        dqkv = torch.full_like(qkv, fill)
+        kernels.bra_backward(go, q, k, v, out, lse, idx, h, w, nw, 0.25,
+                             *cpu_bra._split_qkv(dqkv, heads * d, heads))
+        grads.append(dqkv)
+    assert torch.isfinite(grads[1]).all()
+    assert torch.equal(grads[0], grads[1])
+
+
+@needs_kernels
 def test_attention_with_lepe_op_empty_batch():
     qkv = torch.randn(0, 12, 12, 224, requires_grad=True)
     conv = nn.Conv2d(96, 96, 3, padding=1, groups=96)
