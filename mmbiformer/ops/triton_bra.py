@@ -208,6 +208,163 @@ def _bra_bwd_kernel(Q, K, V, IDX, MASK, OUT, DO, LSE, DQ, DK, DV_,
              mask=m_ok[:, None] & d_ok[None, :])
 
 
+@triton.jit
+def _bra_bwd_dq_kernel(Q, K, V, IDX, MASK, OUT, DO, LSE, DELTA, DQ,
+                       scale, H, R, S, TQ, TK, TOPK, D, DV, NWQ, RWQ, NWK,
+                       RWK,
+                       sqb, sqm, sqj, sqi, sqy, sqx,
+                       skb, skm, skj, ski, sky, skx,
+                       svb, svm, svj, svi, svy, svx,
+                       sob, som, soj, soi, soy, sox,
+                       sgb, sgm, sgj, sgi, sgy, sgx,
+                       sdqb, sdqm, sdqj, sdqi, sdqy, sdqx,
+                       HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """dQ of a block of queries (walking their routed keys as the forward
+    does) and ``delta = rowsum(dO * O)`` for the dK/dV kernel."""
+    pid_m = tl.program_id(0)
+    pid_g = tl.program_id(1).to(tl.int64)  # ((b * H) + m) * R + r
+    r = pid_g % R
+    bh = pid_g // R
+    b = bh // H
+    m = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < TQ
+    d_ok = offs_d < D
+    dv_ok = offs_dv < DV
+    q_rows = _token_offsets(b, m, r, offs_m, NWQ, RWQ, sqb, sqm, sqj, sqi,
+                            sqy, sqx)
+    q = tl.load(Q + q_rows[:, None] + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    o_rows = _token_offsets(b, m, r, offs_m, NWQ, RWQ, sob, som, soj, soi,
+                            soy, sox)
+    g_rows = _token_offsets(b, m, r, offs_m, NWQ, RWQ, sgb, sgm, sgj, sgi,
+                            sgy, sgx)
+    qv_mask = m_ok[:, None] & dv_ok[None, :]
+    do = tl.load(DO + g_rows[:, None] + offs_dv[None, :], mask=qv_mask,
+                 other=0.0)
+    o = tl.load(OUT + o_rows[:, None] + offs_dv[None, :], mask=qv_mask,
+                other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + pid_g * TQ + offs_m, delta, mask=m_ok)
+    lse = tl.load(LSE + pid_g * TQ + offs_m, mask=m_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_keys = TOPK * TK
+    for n0 in range(0, n_keys, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < n_keys
+        kk = offs_n // TK
+        tt = offs_n % TK
+        s = tl.load(IDX + (b * R + r) * TOPK + kk, mask=n_ok, other=0)
+        k_rows = _token_offsets(b, m, s, tt, NWK, RWK, skb, skm, skj, ski,
+                                sky, skx)
+        v_rows = _token_offsets(b, m, s, tt, NWK, RWK, svb, svm, svj, svi,
+                                svy, svx)
+        k = tl.load(K + k_rows[:, None] + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(V + v_rows[:, None] + offs_dv[None, :],
+                    mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+        valid = n_ok[None, :] & m_ok[:, None]
+        if HAS_MASK:
+            km = tl.load(MASK + (b * S + s) * TK + tt, mask=n_ok, other=0)
+            valid = valid & (km != 0)[None, :]
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        p = tl.where(valid, tl.exp(qk - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None]) * scale
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    dq_rows = _token_offsets(b, m, r, offs_m, NWQ, RWQ, sdqb, sdqm, sdqj,
+                             sdqi, sdqy, sdqx)
+    tl.store(DQ + dq_rows[:, None] + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty),
+             mask=m_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _bra_bwd_dkdv_kernel(Q, K, V, MASK, DO, LSE, DELTA, ROUTERS, START,
+                         DK, DV_, scale, H, R, S, TQ, TK, TOPK, D, DV, NWQ,
+                         RWQ, NWK, RWK,
+                         sqb, sqm, sqj, sqi, sqy, sqx,
+                         skb, skm, skj, ski, sky, skx,
+                         svb, svm, svj, svi, svy, svx,
+                         sgb, sgm, sgj, sgi, sgy, sgx,
+                         sdkb, sdkm, sdkj, sdki, sdky, sdkx,
+                         sdvb, sdvm, sdvj, sdvi, sdvy, sdvx,
+                         HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """dK and dV of a block of key tokens of one key region, from the
+    query tokens of every query region that routes to it (the inverted
+    routing: ``ROUTERS[START[b, s]:START[b, s + 1]]``), walked as one flat
+    axis of ``routers * TQ`` tokens; every key row is written once (no
+    atomic adds)."""
+    pid_n = tl.program_id(0)
+    pid_g = tl.program_id(1).to(tl.int64)  # ((b * H) + m) * S + s
+    s = pid_g % S
+    bh = pid_g // S
+    b = bh // H
+    m = bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    n_ok = offs_n < TK
+    d_ok = offs_d < D
+    dv_ok = offs_dv < DV
+    k_rows = _token_offsets(b, m, s, offs_n, NWK, RWK, skb, skm, skj, ski,
+                            sky, skx)
+    v_rows = _token_offsets(b, m, s, offs_n, NWK, RWK, svb, svm, svj, svi,
+                            svy, svx)
+    k = tl.load(K + k_rows[:, None] + offs_d[None, :],
+                mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    v = tl.load(V + v_rows[:, None] + offs_dv[None, :],
+                mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+    key_ok = n_ok
+    if HAS_MASK:
+        km = tl.load(MASK + (b * S + s) * TK + offs_n, mask=n_ok, other=0)
+        key_ok = key_ok & (km != 0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    first = tl.load(START + b * (S + 1) + s)
+    n_q = (tl.load(START + b * (S + 1) + s + 1) - first) * TQ
+    for u0 in range(0, n_q, BLOCK_M):
+        offs_u = u0 + tl.arange(0, BLOCK_M)
+        u_ok = offs_u < n_q
+        r = tl.load(ROUTERS + b * R * TOPK + first + offs_u // TQ,
+                    mask=u_ok, other=0).to(tl.int64)
+        t = offs_u % TQ
+        q_rows = _token_offsets(b, m, r, t, NWQ, RWQ, sqb, sqm, sqj, sqi,
+                                sqy, sqx)
+        g_rows = _token_offsets(b, m, r, t, NWQ, RWQ, sgb, sgm, sgj, sgi,
+                                sgy, sgx)
+        q = tl.load(Q + q_rows[:, None] + offs_d[None, :],
+                    mask=u_ok[:, None] & d_ok[None, :], other=0.0)
+        do = tl.load(DO + g_rows[:, None] + offs_dv[None, :],
+                     mask=u_ok[:, None] & dv_ok[None, :], other=0.0)
+        row = (bh * R + r) * TQ + t
+        lse = tl.load(LSE + row, mask=u_ok, other=0.0)
+        delta = tl.load(DELTA + row, mask=u_ok, other=0.0)
+        # transposed tiles: keys along rows, queries along columns
+        qk_t = tl.dot(k, tl.trans(q), input_precision=PREC) * scale
+        valid = key_ok[:, None] & u_ok[None, :]
+        p_t = tl.where(valid, tl.exp(qk_t - lse[None, :]), 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+        ds_t = p_t * (dp_t - delta[None, :]) * scale
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PREC)
+    dk_rows = _token_offsets(b, m, s, offs_n, NWK, RWK, sdkb, sdkm, sdkj,
+                             sdki, sdky, sdkx)
+    dv_rows = _token_offsets(b, m, s, offs_n, NWK, RWK, sdvb, sdvm, sdvj,
+                             sdvi, sdvy, sdvx)
+    tl.store(DK + dk_rows[:, None] + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+    tl.store(DV_ + dv_rows[:, None] + offs_dv[None, :],
+             dv.to(DV_.dtype.element_ty),
+             mask=n_ok[:, None] & dv_ok[None, :])
+
+
 def _precision(q: Tensor) -> str:
     # float32 inputs: exact float32 dots (no TF32), like torch's matmul
     # defaults, so results match the other backends to ~1e-6
@@ -279,22 +436,78 @@ def _launch_forward(g: _Geometry, q: Tensor, k: Tensor, v: Tensor,
     return lse
 
 
+#: the backward kernels: ``'inverted'`` (dQ per query block, then dK/dV per
+#: key block over the query regions routed to its region; every gradient
+#: row written once) or ``'atomic'`` (one kernel; dK/dV added to float32
+#: buffers with atomic adds)
+BACKWARD = 'inverted'
+
+
+def _grad_buffer(shape, like: Tensor) -> Tensor:
+    """The dK/dV (or qkv-gradient) buffer the backward kernels write: float32
+    zeros for atomic adds, else uninitialised in ``like``'s dtype."""
+    if BACKWARD == 'atomic':
+        return torch.zeros(shape, dtype=torch.float32, device=like.device)
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def inverted_routing(topk_index: Tensor, kv_regions: int
+                     ) -> Tuple[Tensor, Tensor]:
+    """Query regions grouped by the key region they route to.
+
+    ``topk_index`` ``(B, R, K)`` -> ``routers`` ``(B, R * K)`` int32 (query
+    region indices sorted by routed key region) and ``start`` ``(B, S + 1)``
+    int32: the query regions that route to key region ``s`` of image ``b``
+    are ``routers[b, start[b, s]:start[b, s + 1]]``.
+    """
+    b, r, k = topk_index.shape
+    flat = topk_index.reshape(b, r * k)
+    order = torch.argsort(flat, dim=1, stable=True)
+    routers = torch.div(order, k, rounding_mode='floor').to(torch.int32)
+    counts = torch.zeros(b, kv_regions, dtype=torch.int32,
+                         device=flat.device)
+    counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.int32))
+    start = torch.zeros(b, kv_regions + 1, dtype=torch.int32,
+                        device=flat.device)
+    torch.cumsum(counts, 1, out=start[:, 1:])
+    return routers.contiguous(), start
+
+
 def _launch_backward(g: _Geometry, q: Tensor, k: Tensor, v: Tensor,
                      idx: Tensor, mask: Optional[Tensor], out: Tensor,
                      grad_out: Tensor, lse: Tensor, dq: Tensor, dk: Tensor,
                      dv: Tensor, scale: float, layouts) -> None:
-    """Runs the backward kernel: writes ``dq``, adds into ``dk``/``dv``
-    (float32). ``layouts``: strides of q, k, v, out, grad_out, dq, dk,
-    dv."""
+    """Runs the backward kernels: writes ``dq``, ``dk`` and ``dv`` (made by
+    :func:`_grad_buffer`: with ``BACKWARD == 'atomic'`` dK/dV are added
+    into zeroed float32 buffers). ``layouts``: strides of q, k, v, out,
+    grad_out, dq, dk, dv."""
+    lay = [x for layout in layouts for x in layout]
+    sizes = (g.heads, g.regions, g.kv_regions, g.tq, g.tk, g.topk, g.d, g.dv,
+             g.nwq, g.rwq, g.nwk, g.rwk)
+    opts = dict(HAS_MASK=mask is not None, PREC=_precision(q))
+    mask = idx if mask is None else mask
     bm, bn, bd, bdv = _blocks(g.tq, g.topk * g.tk, g.d, g.dv)
     grid = (triton.cdiv(g.tq, bm), g.batch * g.heads * g.regions)
-    _bra_bwd_kernel[grid](
-        q, k, v, idx, idx if mask is None else mask, out, grad_out, lse, dq,
-        dk, dv, scale, g.heads, g.regions, g.kv_regions, g.tq, g.tk, g.topk,
-        g.d, g.dv, g.nwq, g.rwq, g.nwk, g.rwk,
-        *(x for lay in layouts for x in lay),
-        HAS_MASK=mask is not None, PREC=_precision(q), BLOCK_M=bm,
-        BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv)
+    if BACKWARD == 'atomic':
+        _bra_bwd_kernel[grid](q, k, v, idx, mask, out, grad_out, lse, dq, dk,
+                              dv, scale, *sizes, *lay, BLOCK_M=bm,
+                              BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, **opts)
+        return
+    delta = torch.empty_like(lse)
+    # q, k, v, out, grad_out, dq
+    _bra_bwd_dq_kernel[grid](q, k, v, idx, mask, out, grad_out, lse, delta,
+                             dq, scale, *sizes, *lay[:36], BLOCK_M=bm,
+                             BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, **opts)
+    routers, start = inverted_routing(idx, g.kv_regions)
+    # keys of one region per program, its routers' queries as a flat axis
+    bn_k, bm_q, _, _ = _blocks(g.tk, g.topk * g.tq, g.d, g.dv)
+    grid = (triton.cdiv(g.tk, bn_k), g.batch * g.heads * g.kv_regions)
+    # q, k, v, grad_out, dk, dv
+    lay_kv = lay[:18] + lay[24:30] + lay[36:48]
+    _bra_bwd_dkdv_kernel[grid](q, k, v, mask, grad_out, lse, delta, routers,
+                               start, dk, dv, scale, *sizes, *lay_kv,
+                               BLOCK_M=bm_q, BLOCK_N=bn_k, BLOCK_D=bd,
+                               BLOCK_DV=bdv, **opts)
 
 
 class BRATritonAttention(torch.autograd.Function):
@@ -328,8 +541,7 @@ class BRATritonAttention(torch.autograd.Function):
         q, k, v, idx, mask, out, lse = ctx.saved_tensors
         do = grad_out.contiguous()
         dq = torch.empty_like(q)
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-        dvv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        dk, dvv = _grad_buffer(k.shape, k), _grad_buffer(v.shape, v)
         _launch_backward(ctx.geometry, q, k, v, idx, mask, out, do, lse, dq,
                          dk, dvv, ctx.scale,
                          [_region_major(t)
@@ -384,9 +596,7 @@ class BRATritonTokenAttention(torch.autograd.Function):
         dim = qkv.shape[-1] - 2 * qk_dim
         rh, rw = qkv.shape[1] // g.nwq, qkv.shape[2] // g.nwq
         q, k, v = qkv.split([qk_dim, qk_dim, dim], dim=-1)
-        # float32: dK/dV are accumulated with atomic adds
-        dqkv = torch.zeros(qkv.shape, dtype=torch.float32,
-                           device=qkv.device)
+        dqkv = _grad_buffer(qkv.shape, qkv)
         dq, dk, dv = dqkv.split([qk_dim, qk_dim, dim], dim=-1)
         lay_qk = _token_order(q, g.d, rh, rw)
         lay_v = _token_order(v, g.dv, rh, rw)

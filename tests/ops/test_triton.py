@@ -29,6 +29,14 @@ def _kernels_interpreted() -> bool:
 
 
 IN_PROCESS = DEVICE == 'cuda' or _kernels_interpreted()
+
+
+@pytest.fixture(params=['inverted', 'atomic'])
+def backward_kernels(request, monkeypatch):
+    """Both backward variants of the Triton backend."""
+    from mmbiformer.ops import triton_bra
+    monkeypatch.setattr(triton_bra, 'BACKWARD', request.param)
+    return request.param
 needs_in_process = pytest.mark.skipif(
     not IN_PROCESS, reason='triton was imported before TRITON_INTERPRET=1 '
     'could be set; covered by test_in_fresh_process')
@@ -79,7 +87,7 @@ def fwd_bwd(backend, qkv, idx, km, grad=None):
 
 @needs_in_process
 @pytest.mark.parametrize('case', CASES)
-def test_triton_matches_reference_fp32(case):
+def test_triton_matches_reference_fp32(case, backward_kernels):
     qkv, idx, km = make(case)
     ref, grad = fwd_bwd('reference', qkv, idx, km)
     got, _ = fwd_bwd('triton', qkv, idx, km, grad)
@@ -113,7 +121,8 @@ def test_triton_module_backend():
 @needs_in_process
 @pytest.mark.parametrize('hw,topk,qk_dim', [((4, 6), 2, None),
                                             ((5, 3), 4, 32)])
-def test_triton_token_order_matches_reference(hw, topk, qk_dim):
+def test_triton_token_order_matches_reference(hw, topk, qk_dim,
+                                              backward_kernels):
     """The module's token-order path (q/k/v read in place from the qkv
     output, one qkv-shaped gradient): output and gradients of the input
     and of every parameter equal the reference backend's."""
@@ -149,7 +158,7 @@ on_gpu = pytest.mark.skipif(DEVICE != 'cuda', reason='needs CUDA (the '
 
 @on_gpu
 @pytest.mark.parametrize('case', STAGE_CASES)
-def test_triton_stage_shapes_fp32(case):
+def test_triton_stage_shapes_fp32(case, backward_kernels):
     qkv, idx, km = make(case)
     ref, grad = fwd_bwd('gather', qkv, idx, km)
     got, _ = fwd_bwd('triton', qkv, idx, km, grad)
@@ -192,3 +201,20 @@ def test_auto_is_triton_on_cuda_and_matches_gather():
     y2.sum().backward()
     torch.testing.assert_close(y, y2, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(gx, x.grad, atol=2e-5, rtol=1e-4)
+
+
+def test_inverted_routing_lists_every_router_once():
+    from mmbiformer.ops.triton_bra import inverted_routing
+    g = torch.Generator().manual_seed(0)
+    b, r, s, k = 3, 6, 5, 2
+    idx = torch.stack([torch.stack([torch.randperm(s, generator=g)[:k]
+                                    for _ in range(r)]) for _ in range(b)])
+    routers, start = inverted_routing(idx, s)
+    assert routers.dtype == start.dtype == torch.int32
+    assert routers.shape == (b, r * k) and start.shape == (b, s + 1)
+    for bi in range(b):
+        assert start[bi, 0] == 0 and start[bi, -1] == r * k
+        for si in range(s):
+            got = routers[bi, start[bi, si]:start[bi, si + 1]].tolist()
+            want = [ri for ri in range(r) if si in idx[bi, ri].tolist()]
+            assert got == want  # ascending, each router once
