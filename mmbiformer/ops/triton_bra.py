@@ -4,6 +4,12 @@ Imported lazily (only when the backend is used). On the CPU the kernels run
 under Triton's interpreter when ``TRITON_INTERPRET=1`` is set before this
 module is imported (that is how the test suite exercises them).
 
+Tensors are addressed through strides (:func:`_token_offsets`), so one pair
+of kernels serves region-major ``(B, h, R, T, d)`` tensors
+(:class:`BRATritonAttention`, the functional backend) and the channels-last
+``qkv`` projection of the layer, read in place in the map's token order
+(:class:`BRATritonTokenAttention`, what the module runs).
+
 Forward kernel: one program per (query block, batch, head, query region).
 The routed keys of a query region are walked as one flat axis of
 ``topk * Tk`` tokens in tiles of ``BLOCK_N``; each tile looks the key region
@@ -12,14 +18,18 @@ place, so no copy of the routed K/V is made and small regions (1-16 tokens,
 sizes that are not multiples of 16) share one tile. Online softmax; the
 output and the log-sum-exp are written.
 
-Backward kernel: the same walk recomputes the probabilities from the saved
-log-sum-exp, accumulates ``dq`` in registers and adds ``dk``/``dv`` of every
-tile to float32 buffers with atomic adds (several query regions can route
-to the same key region). Gradients are therefore not bit-reproducible from
-run to run, only equal to rounding.
+Backward (:data:`BACKWARD`): by default the same walk recomputes the
+probabilities from the saved log-sum-exp, accumulates ``dq`` in registers
+and adds ``dk``/``dv`` of every tile to float32 buffers with atomic adds
+(several query regions can route to the same key region), so gradients are
+equal to rounding from run to run, not bit for bit. Under
+``torch.use_deterministic_algorithms(True)`` a second pair of kernels runs
+instead: dQ per query block, then dK/dV per key block from the query
+regions routed to its region (an inverted routing index), every gradient
+row written once.
 
-The autograd function is :class:`BRATritonAttention` (stable name for FLOP
-counters; see :mod:`mmbiformer.ops.flops`).
+The autograd functions' names are stable for FLOP counters (see
+:mod:`mmbiformer.ops.flops`).
 """
 from __future__ import annotations
 
@@ -34,7 +44,8 @@ from torch.autograd.function import once_differentiable
 from .routing import RegionGraph
 
 __all__ = [
-    'BRATritonAttention', 'BRATritonTokenAttention', 'supports',
+    'BACKWARD', 'BRATritonAttention', 'BRATritonTokenAttention',
+    'backward_mode', 'inverted_routing', 'supports',
     'token_triton_applies', 'token_triton_attention', 'triton_attention'
 ]
 
@@ -436,17 +447,37 @@ def _launch_forward(g: _Geometry, q: Tensor, k: Tensor, v: Tensor,
     return lse
 
 
-#: the backward kernels: ``'inverted'`` (dQ per query block, then dK/dV per
-#: key block over the query regions routed to its region; every gradient
-#: row written once) or ``'atomic'`` (one kernel; dK/dV added to float32
-#: buffers with atomic adds)
-BACKWARD = 'inverted'
+#: the backward kernels:
+#:
+#: * ``'atomic'``: one kernel per query block; dK/dV are added to float32
+#:   buffers with atomic adds, so they are equal to rounding from run to
+#:   run, not bit for bit. The faster one at BiFormer's shapes on an H200
+#:   (fewer launches; see docs/benchmarks.md).
+#: * ``'inverted'``: dQ per query block, then dK/dV per key block over the
+#:   query regions routed to its region (:func:`inverted_routing`); every
+#:   gradient row is written once, in the input dtype: bit-reproducible,
+#:   and no float32 gradient buffer.
+#: * ``'auto'``: ``'inverted'`` while ``torch.use_deterministic_algorithms``
+#:   is on, else ``'atomic'``.
+BACKWARD = 'auto'
 
 
-def _grad_buffer(shape, like: Tensor) -> Tensor:
+def backward_mode() -> str:
+    """The backward variant the next backward pass uses (see
+    :data:`BACKWARD`)."""
+    if BACKWARD == 'auto':
+        return ('inverted' if torch.are_deterministic_algorithms_enabled()
+                else 'atomic')
+    if BACKWARD not in ('atomic', 'inverted'):
+        raise ValueError(f"triton_bra.BACKWARD={BACKWARD!r}: choose 'auto', "
+                         "'atomic' or 'inverted'")
+    return BACKWARD
+
+
+def _grad_buffer(shape, like: Tensor, mode: str) -> Tensor:
     """The dK/dV (or qkv-gradient) buffer the backward kernels write: float32
     zeros for atomic adds, else uninitialised in ``like``'s dtype."""
-    if BACKWARD == 'atomic':
+    if mode == 'atomic':
         return torch.zeros(shape, dtype=torch.float32, device=like.device)
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
@@ -476,11 +507,11 @@ def inverted_routing(topk_index: Tensor, kv_regions: int
 def _launch_backward(g: _Geometry, q: Tensor, k: Tensor, v: Tensor,
                      idx: Tensor, mask: Optional[Tensor], out: Tensor,
                      grad_out: Tensor, lse: Tensor, dq: Tensor, dk: Tensor,
-                     dv: Tensor, scale: float, layouts) -> None:
-    """Runs the backward kernels: writes ``dq``, ``dk`` and ``dv`` (made by
-    :func:`_grad_buffer`: with ``BACKWARD == 'atomic'`` dK/dV are added
-    into zeroed float32 buffers). ``layouts``: strides of q, k, v, out,
-    grad_out, dq, dk, dv."""
+                     dv: Tensor, scale: float, layouts, mode: str) -> None:
+    """Runs the backward kernels of ``mode`` (see :data:`BACKWARD`): writes
+    ``dq``, ``dk`` and ``dv`` (made by :func:`_grad_buffer`; in ``'atomic'``
+    mode dK/dV are added into zeroed float32 buffers). ``layouts``: strides
+    of q, k, v, out, grad_out, dq, dk, dv."""
     lay = [x for layout in layouts for x in layout]
     sizes = (g.heads, g.regions, g.kv_regions, g.tq, g.tk, g.topk, g.d, g.dv,
              g.nwq, g.rwq, g.nwk, g.rwk)
@@ -488,7 +519,7 @@ def _launch_backward(g: _Geometry, q: Tensor, k: Tensor, v: Tensor,
     mask = idx if mask is None else mask
     bm, bn, bd, bdv = _blocks(g.tq, g.topk * g.tk, g.d, g.dv)
     grid = (triton.cdiv(g.tq, bm), g.batch * g.heads * g.regions)
-    if BACKWARD == 'atomic':
+    if mode == 'atomic':
         _bra_bwd_kernel[grid](q, k, v, idx, mask, out, grad_out, lse, dq, dk,
                               dv, scale, *sizes, *lay, BLOCK_M=bm,
                               BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, **opts)
@@ -540,12 +571,14 @@ class BRATritonAttention(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         q, k, v, idx, mask, out, lse = ctx.saved_tensors
         do = grad_out.contiguous()
+        mode = backward_mode()
         dq = torch.empty_like(q)
-        dk, dvv = _grad_buffer(k.shape, k), _grad_buffer(v.shape, v)
+        dk = _grad_buffer(k.shape, k, mode)
+        dvv = _grad_buffer(v.shape, v, mode)
         _launch_backward(ctx.geometry, q, k, v, idx, mask, out, do, lse, dq,
                          dk, dvv, ctx.scale,
                          [_region_major(t)
-                          for t in (q, k, v, out, do, dq, dk, dvv)])
+                          for t in (q, k, v, out, do, dq, dk, dvv)], mode)
         return dq, dk.to(k.dtype), dvv.to(v.dtype), None, None, None
 
 
@@ -596,7 +629,8 @@ class BRATritonTokenAttention(torch.autograd.Function):
         dim = qkv.shape[-1] - 2 * qk_dim
         rh, rw = qkv.shape[1] // g.nwq, qkv.shape[2] // g.nwq
         q, k, v = qkv.split([qk_dim, qk_dim, dim], dim=-1)
-        dqkv = _grad_buffer(qkv.shape, qkv)
+        mode = backward_mode()
+        dqkv = _grad_buffer(qkv.shape, qkv, mode)
         dq, dk, dv = dqkv.split([qk_dim, qk_dim, dim], dim=-1)
         lay_qk = _token_order(q, g.d, rh, rw)
         lay_v = _token_order(v, g.dv, rh, rw)
@@ -606,7 +640,7 @@ class BRATritonTokenAttention(torch.autograd.Function):
                          [lay_qk, lay_qk, lay_v,
                           _token_order(out, g.dv, rh, rw),
                           _token_order(grad_out, g.dv, rh, rw), lay_dqk,
-                          lay_dqk, _token_order(dv, g.dv, rh, rw)])
+                          lay_dqk, _token_order(dv, g.dv, rh, rw)], mode)
         return dqkv.to(qkv.dtype), None, None, None
 
 

@@ -33,7 +33,8 @@ IN_PROCESS = DEVICE == 'cuda' or _kernels_interpreted()
 
 @pytest.fixture(params=['inverted', 'atomic'])
 def backward_kernels(request, monkeypatch):
-    """Both backward variants of the Triton backend."""
+    """Both backward variants of the Triton backend (see
+    ``triton_bra.BACKWARD``)."""
     from mmbiformer.ops import triton_bra
     monkeypatch.setattr(triton_bra, 'BACKWARD', request.param)
     return request.param
@@ -218,3 +219,44 @@ def test_inverted_routing_lists_every_router_once():
             got = routers[bi, start[bi, si]:start[bi, si + 1]].tolist()
             want = [ri for ri in range(r) if si in idx[bi, ri].tolist()]
             assert got == want  # ascending, each router once
+
+
+def test_backward_mode_follows_deterministic_algorithms(monkeypatch):
+    from mmbiformer.ops import triton_bra
+    monkeypatch.setattr(triton_bra, 'BACKWARD', 'auto')
+    state = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        assert triton_bra.backward_mode() == 'atomic'
+        torch.use_deterministic_algorithms(True)
+        assert triton_bra.backward_mode() == 'inverted'
+    finally:
+        torch.use_deterministic_algorithms(state)
+    monkeypatch.setattr(triton_bra, 'BACKWARD', 'inverted')
+    assert triton_bra.backward_mode() == 'inverted'
+    monkeypatch.setattr(triton_bra, 'BACKWARD', 'fast')
+    with pytest.raises(ValueError, match="'atomic' or 'inverted'"):
+        triton_bra.backward_mode()
+
+
+@on_gpu
+def test_deterministic_backward_is_bit_reproducible():
+    """Under torch.use_deterministic_algorithms the attention's gradients
+    are equal bit for bit from run to run (stage 3 at 224: every key region
+    is routed to by many query regions)."""
+    from mmbiformer.ops.triton_bra import token_triton_attention
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(4, 14, 14, 768, generator=g).to(DEVICE)
+    idx = torch.rand(4, 49, 49, generator=g).topk(16, -1).indices.to(DEVICE)
+    grad = torch.randn(4, 14, 14, 256, generator=g).to(DEVICE)
+    state = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        grads = []
+        for _ in range(3):
+            x = qkv.clone().requires_grad_()
+            token_triton_attention(x, idx, 7, 8, 256, 0.0625).backward(grad)
+            grads.append(x.grad)
+    finally:
+        torch.use_deterministic_algorithms(state)
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
