@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from mmbiformer.analysis.benchmark import parse_target, run_benchmark
 
@@ -55,3 +56,58 @@ def test_cli_prints_json_lines():
                 'device'):
         assert key in rows[0]
     assert rows[0]['config'] == TINY and rows[0]['mode'] == 'infer'
+
+
+def test_run_benchmark_amp():
+    """--amp: bf16 autocast (CPU: around the step); fp16 needs CUDA; an
+    unknown choice is refused by name."""
+    res = run_benchmark(TINY + '@model.backbone.attn_backend=reference',
+                        mode='train', batch=1, warmup=0, repeats=1,
+                        device='cpu', amp='bf16').as_dict()
+    assert res['amp'] == 'bf16' and res['img_per_s'] > 0
+    with pytest.raises(ValueError, match='needs CUDA'):
+        run_benchmark(TINY, mode='train', device='cpu', amp='fp16')
+    with pytest.raises(ValueError, match='bf16'):
+        run_benchmark(TINY, mode='infer', device='cpu', amp='fp8')
+
+
+def test_autocast_wrapper_enters_autocast():
+    """The CPU bf16 training step runs its forward under autocast."""
+    from mmengine.optim import OptimWrapper
+
+    from mmbiformer.analysis.benchmark import AMP_DTYPES, _autocast_wrapper
+    lin = torch.nn.Linear(4, 4)
+    optim = _autocast_wrapper(
+        OptimWrapper, torch.optim.SGD(lin.parameters(), lr=0.1),
+        lambda: torch.autocast('cpu', dtype=AMP_DTYPES['bf16']))
+    with optim.optim_context(lin):
+        y = lin(torch.randn(2, 4))
+    assert y.dtype == torch.bfloat16
+    assert lin(torch.randn(2, 4)).dtype == torch.float32
+
+
+def test_bra_benchmark_dtype_and_in_process_flags():
+    script = osp.join(REPO, 'tools', 'analysis', 'benchmark_bra.py')
+    proc = subprocess.run(
+        [sys.executable, script, '--shape', 's=1,14,14,32,1,7,4',
+         '--backends', 'gather', '--dtype', 'bfloat16', '--repeat', '1',
+         '--json'], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(proc.stdout.splitlines()[-1])
+    assert row['dtype'] == 'bfloat16' and row['status'] == 'ok'
+    proc = subprocess.run(
+        [sys.executable, script, '--shape', 's=1,14,14,32,1,7,4',
+         '--in-process'], capture_output=True, text=True, cwd=REPO,
+        timeout=600)
+    assert proc.returncode != 0 and '--in-process needs --device cuda' in \
+        proc.stderr
+
+
+def test_triton_backward_ab_needs_cuda():
+    if torch.cuda.is_available():
+        pytest.skip('exercised on a GPU by running it')
+    proc = subprocess.run(
+        [sys.executable,
+         osp.join(REPO, 'tools', 'analysis', 'triton_backward_ab.py')],
+        capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode != 0 and 'needs a CUDA device' in proc.stderr
