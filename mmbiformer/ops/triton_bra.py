@@ -68,6 +68,22 @@ def _token_offsets(b, m, reg, tok, NW, RW, sb, sm, sj, si, sy, sx):
 
 
 @triton.jit
+def _split_group(pid_g, H, NREG):
+    """Program axis 1 ``((b * H) + m) * NREG + region`` -> (b, m, region,
+    b * H + m)."""
+    reg = pid_g % NREG
+    bh = pid_g // NREG
+    return bh // H, bh % H, reg, bh
+
+
+@triton.jit
+def _load_tile(PTR, rows, cols, row_ok, col_ok):
+    """``PTR[rows[:, None] + cols[None, :]]``, zero outside the masks."""
+    return tl.load(PTR + rows[:, None] + cols[None, :],
+                   mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+
+
+@triton.jit
 def _bra_fwd_kernel(Q, K, V, IDX, MASK, OUT, LSE, scale, H, R, S, TQ, TK,
                     TOPK, D, DV, NWQ, RWQ, NWK, RWK,
                     sqb, sqm, sqj, sqi, sqy, sqx,
@@ -79,18 +95,14 @@ def _bra_fwd_kernel(Q, K, V, IDX, MASK, OUT, LSE, scale, H, R, S, TQ, TK,
                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_g = tl.program_id(1).to(tl.int64)  # ((b * H) + m) * R + r
-    r = pid_g % R
-    bh = pid_g // R
-    b = bh // H
-    m = bh % H
+    b, m, r, bh = _split_group(pid_g, H, R)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < TQ
     q_rows = _token_offsets(b, m, r, offs_m, NWQ, RWQ, sqb, sqm, sqj, sqi,
                             sqy, sqx)
-    q = tl.load(Q + q_rows[:, None] + offs_d[None, :],
-                mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    q = _load_tile(Q, q_rows, offs_d, m_ok, offs_d < D)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -103,8 +115,7 @@ def _bra_fwd_kernel(Q, K, V, IDX, MASK, OUT, LSE, scale, H, R, S, TQ, TK,
         s = tl.load(IDX + (b * R + r) * TOPK + kk, mask=n_ok, other=0)
         k_rows = _token_offsets(b, m, s, tt, NWK, RWK, skb, skm, skj, ski,
                                 sky, skx)
-        k = tl.load(K + k_rows[:, None] + offs_d[None, :],
-                    mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        k = _load_tile(K, k_rows, offs_d, n_ok, offs_d < D)
         valid = n_ok
         if HAS_MASK:
             km = tl.load(MASK + (b * S + s) * TK + tt, mask=n_ok, other=0)
@@ -117,8 +128,7 @@ def _bra_fwd_kernel(Q, K, V, IDX, MASK, OUT, LSE, scale, H, R, S, TQ, TK,
         l_i = l_i * alpha + tl.sum(p, 1)
         v_rows = _token_offsets(b, m, s, tt, NWK, RWK, svb, svm, svj, svi,
                                 svy, svx)
-        v = tl.load(V + v_rows[:, None] + offs_dv[None, :],
-                    mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        v = _load_tile(V, v_rows, offs_dv, n_ok, offs_dv < DV)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v,
                                             input_precision=PREC)
         m_i = m_new
@@ -133,7 +143,7 @@ def _bra_fwd_kernel(Q, K, V, IDX, MASK, OUT, LSE, scale, H, R, S, TQ, TK,
 
 
 @triton.jit
-def _bra_bwd_kernel(Q, K, V, IDX, MASK, OUT, DO, LSE, DQ, DK, DV_,
+def _bra_bwd_kernel(Q, K, V, IDX, MASK, OUT, DO, LSE, DELTA, DQ, DK, DV_,
                     scale, H, R, S, TQ, TK, TOPK, D, DV, NWQ, RWQ, NWK, RWK,
                     sqb, sqm, sqj, sqi, sqy, sqx,
                     skb, skm, skj, ski, sky, skx,
@@ -143,103 +153,18 @@ def _bra_bwd_kernel(Q, K, V, IDX, MASK, OUT, DO, LSE, DQ, DK, DV_,
                     sdqb, sdqm, sdqj, sdqi, sdqy, sdqx,
                     sdkb, sdkm, sdkj, sdki, sdky, sdkx,
                     sdvb, sdvm, sdvj, sdvi, sdvy, sdvx,
-                    HAS_MASK: tl.constexpr, PREC: tl.constexpr,
-                    BLOCK_M: tl.constexpr,
+                    ATOMIC_DKDV: tl.constexpr, HAS_MASK: tl.constexpr,
+                    PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_DV: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_g = tl.program_id(1).to(tl.int64)
-    r = pid_g % R
-    bh = pid_g // R
-    b = bh // H
-    m = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    m_ok = offs_m < TQ
-    d_ok = offs_d < D
-    dv_ok = offs_dv < DV
-    q_rows = _token_offsets(b, m, r, offs_m, NWQ, RWQ, sqb, sqm, sqj, sqi,
-                            sqy, sqx)
-    q = tl.load(Q + q_rows[:, None] + offs_d[None, :],
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    o_rows = _token_offsets(b, m, r, offs_m, NWQ, RWQ, sob, som, soj, soi,
-                            soy, sox)
-    g_rows = _token_offsets(b, m, r, offs_m, NWQ, RWQ, sgb, sgm, sgj, sgi,
-                            sgy, sgx)
-    qv_mask = m_ok[:, None] & dv_ok[None, :]
-    do = tl.load(DO + g_rows[:, None] + offs_dv[None, :], mask=qv_mask,
-                 other=0.0)
-    o = tl.load(OUT + o_rows[:, None] + offs_dv[None, :], mask=qv_mask,
-                other=0.0)
-    # softmax backward term: rowsum(dO * O)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    lse = tl.load(LSE + pid_g * TQ + offs_m, mask=m_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    n_keys = TOPK * TK
-    for n0 in range(0, n_keys, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < n_keys
-        kk = offs_n // TK
-        tt = offs_n % TK
-        s = tl.load(IDX + (b * R + r) * TOPK + kk, mask=n_ok, other=0)
-        k_rows = _token_offsets(b, m, s, tt, NWK, RWK, skb, skm, skj, ski,
-                                sky, skx)
-        v_rows = _token_offsets(b, m, s, tt, NWK, RWK, svb, svm, svj, svi,
-                                svy, svx)
-        k = tl.load(K + k_rows[:, None] + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + v_rows[:, None] + offs_dv[None, :],
-                    mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
-        valid = n_ok[None, :] & m_ok[:, None]
-        if HAS_MASK:
-            km = tl.load(MASK + (b * S + s) * TK + tt, mask=n_ok, other=0)
-            valid = valid & (km != 0)[None, :]
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-        p = tl.where(valid, tl.exp(qk - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None]) * scale
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-        dk_t = tl.dot(tl.trans(ds.to(q.dtype)), q,
-                      input_precision=PREC)
-        dv_t = tl.dot(tl.trans(p.to(do.dtype)), do,
-                      input_precision=PREC)
-        dk_rows = _token_offsets(b, m, s, tt, NWK, RWK, sdkb, sdkm, sdkj,
-                                 sdki, sdky, sdkx)
-        dv_rows = _token_offsets(b, m, s, tt, NWK, RWK, sdvb, sdvm, sdvj,
-                                 sdvi, sdvy, sdvx)
-        tl.atomic_add(DK + dk_rows[:, None] + offs_d[None, :], dk_t,
-                      mask=n_ok[:, None] & d_ok[None, :])
-        tl.atomic_add(DV_ + dv_rows[:, None] + offs_dv[None, :], dv_t,
-                      mask=n_ok[:, None] & dv_ok[None, :])
-    dq_rows = _token_offsets(b, m, r, offs_m, NWQ, RWQ, sdqb, sdqm, sdqj,
-                             sdqi, sdqy, sdqx)
-    tl.store(DQ + dq_rows[:, None] + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty),
-             mask=m_ok[:, None] & d_ok[None, :])
-
-
-@triton.jit
-def _bra_bwd_dq_kernel(Q, K, V, IDX, MASK, OUT, DO, LSE, DELTA, DQ,
-                       scale, H, R, S, TQ, TK, TOPK, D, DV, NWQ, RWQ, NWK,
-                       RWK,
-                       sqb, sqm, sqj, sqi, sqy, sqx,
-                       skb, skm, skj, ski, sky, skx,
-                       svb, svm, svj, svi, svy, svx,
-                       sob, som, soj, soi, soy, sox,
-                       sgb, sgm, sgj, sgi, sgy, sgx,
-                       sdqb, sdqm, sdqj, sdqi, sdqy, sdqx,
-                       HAS_MASK: tl.constexpr, PREC: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """dQ of a block of queries (walking their routed keys as the forward
-    does) and ``delta = rowsum(dO * O)`` for the dK/dV kernel."""
+    """Backward of a block of queries, walking their routed keys as the
+    forward does: recomputes the probabilities from the log-sum-exp and
+    writes dQ. With ``ATOMIC_DKDV`` it also adds every tile's dK/dV to
+    float32 buffers with atomic adds; without, it stores ``delta =
+    rowsum(dO * O)`` for :func:`_bra_bwd_dkdv_kernel`."""
     pid_m = tl.program_id(0)
     pid_g = tl.program_id(1).to(tl.int64)  # ((b * H) + m) * R + r
-    r = pid_g % R
-    bh = pid_g // R
-    b = bh // H
-    m = bh % H
+    b, m, r, bh = _split_group(pid_g, H, R)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -248,19 +173,17 @@ def _bra_bwd_dq_kernel(Q, K, V, IDX, MASK, OUT, DO, LSE, DELTA, DQ,
     dv_ok = offs_dv < DV
     q_rows = _token_offsets(b, m, r, offs_m, NWQ, RWQ, sqb, sqm, sqj, sqi,
                             sqy, sqx)
-    q = tl.load(Q + q_rows[:, None] + offs_d[None, :],
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _load_tile(Q, q_rows, offs_d, m_ok, d_ok)
     o_rows = _token_offsets(b, m, r, offs_m, NWQ, RWQ, sob, som, soj, soi,
                             soy, sox)
     g_rows = _token_offsets(b, m, r, offs_m, NWQ, RWQ, sgb, sgm, sgj, sgi,
                             sgy, sgx)
-    qv_mask = m_ok[:, None] & dv_ok[None, :]
-    do = tl.load(DO + g_rows[:, None] + offs_dv[None, :], mask=qv_mask,
-                 other=0.0)
-    o = tl.load(OUT + o_rows[:, None] + offs_dv[None, :], mask=qv_mask,
-                other=0.0)
+    do = _load_tile(DO, g_rows, offs_dv, m_ok, dv_ok)
+    o = _load_tile(OUT, o_rows, offs_dv, m_ok, dv_ok)
+    # softmax backward term: rowsum(dO * O)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    tl.store(DELTA + pid_g * TQ + offs_m, delta, mask=m_ok)
+    if not ATOMIC_DKDV:
+        tl.store(DELTA + pid_g * TQ + offs_m, delta, mask=m_ok)
     lse = tl.load(LSE + pid_g * TQ + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     n_keys = TOPK * TK
@@ -274,10 +197,8 @@ def _bra_bwd_dq_kernel(Q, K, V, IDX, MASK, OUT, DO, LSE, DELTA, DQ,
                                 sky, skx)
         v_rows = _token_offsets(b, m, s, tt, NWK, RWK, svb, svm, svj, svi,
                                 svy, svx)
-        k = tl.load(K + k_rows[:, None] + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + v_rows[:, None] + offs_dv[None, :],
-                    mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+        k = _load_tile(K, k_rows, offs_d, n_ok, d_ok)
+        v = _load_tile(V, v_rows, offs_dv, n_ok, dv_ok)
         valid = n_ok[None, :] & m_ok[:, None]
         if HAS_MASK:
             km = tl.load(MASK + (b * S + s) * TK + tt, mask=n_ok, other=0)
@@ -287,6 +208,19 @@ def _bra_bwd_dq_kernel(Q, K, V, IDX, MASK, OUT, DO, LSE, DELTA, DQ,
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None]) * scale
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        if ATOMIC_DKDV:
+            dk_t = tl.dot(tl.trans(ds.to(q.dtype)), q,
+                          input_precision=PREC)
+            dv_t = tl.dot(tl.trans(p.to(do.dtype)), do,
+                          input_precision=PREC)
+            dk_rows = _token_offsets(b, m, s, tt, NWK, RWK, sdkb, sdkm, sdkj,
+                                     sdki, sdky, sdkx)
+            dv_rows = _token_offsets(b, m, s, tt, NWK, RWK, sdvb, sdvm, sdvj,
+                                     sdvi, sdvy, sdvx)
+            tl.atomic_add(DK + dk_rows[:, None] + offs_d[None, :], dk_t,
+                          mask=n_ok[:, None] & d_ok[None, :])
+            tl.atomic_add(DV_ + dv_rows[:, None] + offs_dv[None, :], dv_t,
+                          mask=n_ok[:, None] & dv_ok[None, :])
     dq_rows = _token_offsets(b, m, r, offs_m, NWQ, RWQ, sdqb, sdqm, sdqj,
                              sdqi, sdqy, sdqx)
     tl.store(DQ + dq_rows[:, None] + offs_d[None, :],
@@ -314,10 +248,7 @@ def _bra_bwd_dkdv_kernel(Q, K, V, MASK, DO, LSE, DELTA, ROUTERS, START,
     atomic adds)."""
     pid_n = tl.program_id(0)
     pid_g = tl.program_id(1).to(tl.int64)  # ((b * H) + m) * S + s
-    s = pid_g % S
-    bh = pid_g // S
-    b = bh // H
-    m = bh % H
+    b, m, s, bh = _split_group(pid_g, H, S)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -328,10 +259,8 @@ def _bra_bwd_dkdv_kernel(Q, K, V, MASK, DO, LSE, DELTA, ROUTERS, START,
                             sky, skx)
     v_rows = _token_offsets(b, m, s, offs_n, NWK, RWK, svb, svm, svj, svi,
                             svy, svx)
-    k = tl.load(K + k_rows[:, None] + offs_d[None, :],
-                mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(V + v_rows[:, None] + offs_dv[None, :],
-                mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+    k = _load_tile(K, k_rows, offs_d, n_ok, d_ok)
+    v = _load_tile(V, v_rows, offs_dv, n_ok, dv_ok)
     key_ok = n_ok
     if HAS_MASK:
         km = tl.load(MASK + (b * S + s) * TK + offs_n, mask=n_ok, other=0)
@@ -350,10 +279,8 @@ def _bra_bwd_dkdv_kernel(Q, K, V, MASK, DO, LSE, DELTA, ROUTERS, START,
                                 sqy, sqx)
         g_rows = _token_offsets(b, m, r, t, NWQ, RWQ, sgb, sgm, sgj, sgi,
                                 sgy, sgx)
-        q = tl.load(Q + q_rows[:, None] + offs_d[None, :],
-                    mask=u_ok[:, None] & d_ok[None, :], other=0.0)
-        do = tl.load(DO + g_rows[:, None] + offs_dv[None, :],
-                     mask=u_ok[:, None] & dv_ok[None, :], other=0.0)
+        q = _load_tile(Q, q_rows, offs_d, u_ok, d_ok)
+        do = _load_tile(DO, g_rows, offs_dv, u_ok, dv_ok)
         row = (bh * R + r) * TQ + t
         lse = tl.load(LSE + row, mask=u_ok, other=0.0)
         delta = tl.load(DELTA + row, mask=u_ok, other=0.0)
@@ -519,16 +446,14 @@ def _launch_backward(g: _Geometry, q: Tensor, k: Tensor, v: Tensor,
     mask = idx if mask is None else mask
     bm, bn, bd, bdv = _blocks(g.tq, g.topk * g.tk, g.d, g.dv)
     grid = (triton.cdiv(g.tq, bm), g.batch * g.heads * g.regions)
-    if mode == 'atomic':
-        _bra_bwd_kernel[grid](q, k, v, idx, mask, out, grad_out, lse, dq, dk,
-                              dv, scale, *sizes, *lay, BLOCK_M=bm,
-                              BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, **opts)
+    atomic = mode == 'atomic'
+    delta = lse if atomic else torch.empty_like(lse)
+    _bra_bwd_kernel[grid](q, k, v, idx, mask, out, grad_out, lse, delta, dq,
+                          dk, dv, scale, *sizes, *lay, ATOMIC_DKDV=atomic,
+                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv,
+                          **opts)
+    if atomic:
         return
-    delta = torch.empty_like(lse)
-    # q, k, v, out, grad_out, dq
-    _bra_bwd_dq_kernel[grid](q, k, v, idx, mask, out, grad_out, lse, delta,
-                             dq, scale, *sizes, *lay[:36], BLOCK_M=bm,
-                             BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, **opts)
     routers, start = inverted_routing(idx, g.kv_regions)
     # keys of one region per program, its routers' queries as a flat axis
     bn_k, bm_q, _, _ = _blocks(g.tk, g.topk * g.tq, g.d, g.dv)

@@ -86,14 +86,19 @@ def fwd_bwd(backend, qkv, idx, km, grad=None):
     return [out, q.grad, k.grad, v.grad], grad
 
 
+def assert_triton_matches(case, oracle: str, atol: float) -> None:
+    """float32 output and q/k/v gradients of `triton` equal `oracle`'s."""
+    qkv, idx, km = make(case)
+    ref, grad = fwd_bwd(oracle, qkv, idx, km)
+    got, _ = fwd_bwd('triton', qkv, idx, km, grad)
+    for a, e in zip(got, ref):
+        torch.testing.assert_close(a, e, atol=atol, rtol=1e-4)
+
+
 @needs_in_process
 @pytest.mark.parametrize('case', CASES)
 def test_triton_matches_reference_fp32(case, backward_kernels):
-    qkv, idx, km = make(case)
-    ref, grad = fwd_bwd('reference', qkv, idx, km)
-    got, _ = fwd_bwd('triton', qkv, idx, km, grad)
-    for a, e in zip(got, ref):
-        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
+    assert_triton_matches(case, 'reference', atol=1e-5)
 
 
 @needs_in_process
@@ -160,11 +165,7 @@ on_gpu = pytest.mark.skipif(DEVICE != 'cuda', reason='needs CUDA (the '
 @on_gpu
 @pytest.mark.parametrize('case', STAGE_CASES)
 def test_triton_stage_shapes_fp32(case, backward_kernels):
-    qkv, idx, km = make(case)
-    ref, grad = fwd_bwd('gather', qkv, idx, km)
-    got, _ = fwd_bwd('triton', qkv, idx, km, grad)
-    for a, e in zip(got, ref):
-        torch.testing.assert_close(a, e, atol=2e-5, rtol=1e-4)
+    assert_triton_matches(case, 'gather', atol=2e-5)
 
 
 @on_gpu
