@@ -28,6 +28,7 @@ was built (so the interpreter and libraries do not count).
 """
 from __future__ import annotations
 
+import contextlib
 import resource
 import statistics
 import time
@@ -216,7 +217,6 @@ def run_benchmark(target: str,
         num_classes = head.num_classes
     data = _synthetic_batch(scope, batch, img_size, num_classes)
 
-    import contextlib
     autocast = (lambda: torch.autocast(dev.type, dtype=AMP_DTYPES[amp])
                 ) if amp else contextlib.nullcontext
     if mode == 'infer':
@@ -307,7 +307,6 @@ def run_benchmark(target: str,
 def _autocast_wrapper(base: type, optimizer, autocast):
     """An instance of ``base`` (an mmengine optimiser wrapper) whose
     ``optim_context`` also enters ``autocast()``."""
-    import contextlib
 
     class _Autocast(base):
 
