@@ -363,6 +363,8 @@ def _launch_forward(g: _Geometry, q: Tensor, k: Tensor, v: Tensor,
     ``(B, h, R, Tq)`` float32. ``layouts``: strides of q, k, v, out."""
     lse = torch.empty(g.batch, g.heads, g.regions, g.tq,
                       dtype=torch.float32, device=q.device)
+    if lse.numel() == 0:  # empty batch: nothing to launch
+        return lse
     bm, bn, bd, bdv = _blocks(g.tq, g.topk * g.tk, g.d, g.dv)
     grid = (triton.cdiv(g.tq, bm), g.batch * g.heads * g.regions)
     _bra_fwd_kernel[grid](
@@ -439,6 +441,8 @@ def _launch_backward(g: _Geometry, q: Tensor, k: Tensor, v: Tensor,
     ``dq``, ``dk`` and ``dv`` (made by :func:`_grad_buffer`; in ``'atomic'``
     mode dK/dV are added into zeroed float32 buffers). ``layouts``: strides
     of q, k, v, out, grad_out, dq, dk, dv."""
+    if lse.numel() == 0:  # empty batch: the gradients are empty too
+        return
     lay = [x for layout in layouts for x in layout]
     sizes = (g.heads, g.regions, g.kv_regions, g.tq, g.tk, g.topk, g.d, g.dv,
              g.nwq, g.rwq, g.nwk, g.rwk)

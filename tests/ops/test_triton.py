@@ -149,6 +149,18 @@ def test_triton_token_order_matches_reference(hw, topk, qk_dim,
         torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
 
 
+@needs_in_process
+@pytest.mark.parametrize('pad_mode', ['legacy', 'masked'])
+def test_triton_empty_batch(pad_mode, backward_kernels):
+    m = BiLevelRoutingAttention(16, num_heads=2, n_win=2, topk=2,
+                                auto_pad=True, pad_mode=pad_mode,
+                                backend='triton').to(DEVICE)
+    x = torch.randn(0, 5, 6, 16, device=DEVICE, requires_grad=True)
+    y = m(x)
+    y.sum().backward()
+    assert y.shape == (0, 5, 6, 16) and x.grad.shape == x.shape
+
+
 # BiFormer's routed stages at 224 (n_win 7) and at a detection size
 # (n_win 16, regions of 13 x 19 tokens): run on a GPU only, the
 # interpreter would take minutes
