@@ -84,6 +84,15 @@ def _load_tile(PTR, rows, cols, row_ok, col_ok):
 
 
 @triton.jit
+def _store_tile(PTR, rows, cols, row_ok, col_ok, value):
+    """``PTR[rows[:, None] + cols[None, :]] = value`` (cast to ``PTR``'s
+    dtype) inside the masks."""
+    tl.store(PTR + rows[:, None] + cols[None, :],
+             value.to(PTR.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
 def _bra_fwd_kernel(Q, K, V, IDX, MASK, OUT, LSE, scale, H, R, S, TQ, TK,
                     TOPK, D, DV, NWQ, RWQ, NWK, RWK,
                     sqb, sqm, sqj, sqi, sqy, sqx,
@@ -136,9 +145,7 @@ def _bra_fwd_kernel(Q, K, V, IDX, MASK, OUT, LSE, scale, H, R, S, TQ, TK,
     out = acc / l_safe[:, None]
     o_rows = _token_offsets(b, m, r, offs_m, NWQ, RWQ, sob, som, soj, soi,
                             soy, sox)
-    tl.store(OUT + o_rows[:, None] + offs_dv[None, :],
-             out.to(OUT.dtype.element_ty),
-             mask=m_ok[:, None] & (offs_dv[None, :] < DV))
+    _store_tile(OUT, o_rows, offs_dv, m_ok, offs_dv < DV, out)
     tl.store(LSE + pid_g * TQ + offs_m, m_i + tl.log(l_safe), mask=m_ok)
 
 
@@ -223,9 +230,7 @@ def _bra_bwd_kernel(Q, K, V, IDX, MASK, OUT, DO, LSE, DELTA, DQ, DK, DV_,
                           mask=n_ok[:, None] & dv_ok[None, :])
     dq_rows = _token_offsets(b, m, r, offs_m, NWQ, RWQ, sdqb, sdqm, sdqj,
                              sdqi, sdqy, sdqx)
-    tl.store(DQ + dq_rows[:, None] + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty),
-             mask=m_ok[:, None] & d_ok[None, :])
+    _store_tile(DQ, dq_rows, offs_d, m_ok, d_ok, dq)
 
 
 @triton.jit
@@ -296,11 +301,8 @@ def _bra_bwd_dkdv_kernel(Q, K, V, MASK, DO, LSE, DELTA, ROUTERS, START,
                              sdki, sdky, sdkx)
     dv_rows = _token_offsets(b, m, s, offs_n, NWK, RWK, sdvb, sdvm, sdvj,
                              sdvi, sdvy, sdvx)
-    tl.store(DK + dk_rows[:, None] + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
-    tl.store(DV_ + dv_rows[:, None] + offs_dv[None, :],
-             dv.to(DV_.dtype.element_ty),
-             mask=n_ok[:, None] & dv_ok[None, :])
+    _store_tile(DK, dk_rows, offs_d, n_ok, d_ok, dk)
+    _store_tile(DV_, dv_rows, offs_dv, n_ok, dv_ok, dv)
 
 
 def _precision(q: Tensor) -> str:
