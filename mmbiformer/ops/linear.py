@@ -39,7 +39,7 @@ from . import cpu_ext
 
 __all__ = [
     'Linear', 'DnnLinearFunction', 'DnnMlpFunction', 'dnn_linear_applies',
-    'gelu_and_grad_', 'gelu_mlp'
+    'gelu_and_grad_', 'gelu_and_grad_torch_', 'gelu_mlp'
 ]
 
 def _dnn_op():
@@ -153,15 +153,21 @@ def gelu_and_grad_(h: Tensor, grad: Tensor) -> Tensor:
     """Returns ``gelu(h)`` (exact GELU) and multiplies ``grad`` in place by
     ``gelu'(h)``. On contiguous float32 CPU tensors one pass of the C++
     kernel (``gelu_grad`` in ``mmbiformer/ops/csrc``: erfc and exp
-    evaluated once per element; about 2x faster than torch's two ops at
-    BiFormer-S's MLP shapes, and within a few ulps of the float64 result,
-    where torch's float32 GELU is off by up to 1e-6 for negative inputs);
-    else torch's ``gelu`` and ``gelu_backward``."""
+    evaluated once per element, within a few ulps of the float64 result,
+    where torch's float32 GELU is off by up to 1e-6 for negative inputs;
+    ``tools/analysis/ab_train_step.py`` compares the two in a training
+    step); else :func:`gelu_and_grad_torch_`."""
     kernels = cpu_ext.load() if h.device.type == 'cpu' else None
     if kernels is not None and h.dtype == grad.dtype == torch.float32 and \
             h.shape == grad.shape and h.is_contiguous() and \
             grad.is_contiguous():
         return kernels.gelu_grad(h, grad)
+    return gelu_and_grad_torch_(h, grad)
+
+
+def gelu_and_grad_torch_(h: Tensor, grad: Tensor) -> Tensor:
+    """:func:`gelu_and_grad_` with torch's ``gelu`` and ``gelu_backward``
+    (any device, dtype or layout)."""
     g = nn.functional.gelu(h)
     torch.ops.aten.gelu_backward.grad_input(grad, h, grad_input=grad)
     return g

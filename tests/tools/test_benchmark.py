@@ -1,5 +1,6 @@
 """tools/analysis/benchmark.py and mmbiformer.analysis.benchmark."""
 import json
+import os
 import os.path as osp
 import subprocess
 import sys
@@ -111,3 +112,31 @@ def test_triton_backward_ab_needs_cuda():
          osp.join(REPO, 'tools', 'analysis', 'triton_backward_ab.py')],
         capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode != 0 and 'needs a CUDA device' in proc.stderr
+
+
+def test_ab_train_step_cli(tmp_path):
+    """ab_train_step.py alternates the code as it is and a patched variant
+    and reports both; the patched object is put back afterwards."""
+    out = tmp_path / 'calls.txt'
+    probe = tmp_path / 'ab_probe.py'
+    probe.write_text(
+        'import mmbiformer.ops.linear as lin\n'
+        f'OUT = {str(out)!r}\n'
+        'def patched(h, grad):\n'
+        '    open(OUT, "a").write("x")\n'
+        '    return lin.gelu_and_grad_torch_(h, grad)\n')
+    proc = subprocess.run(
+        [sys.executable,
+         osp.join(REPO, 'tools', 'analysis', 'ab_train_step.py'), TINY,
+         '--target', 'mmbiformer.ops.linear:gelu_and_grad_',
+         '--replacement', 'ab_probe:patched', '--pairs', '1', '--warmup',
+         '0', '--batch', '1', '--threads', '1'],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+        env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(proc.stdout.splitlines()[-1])
+    assert row['pairs'] == 1 and row['median_ms_as_is'] > 0
+    assert row['median_ms_patched'] > 0
+    # one patched step through every block's MLP backward (BiFormer-T:
+    # depths 2, 2, 8, 2)
+    assert len(out.read_text()) == 14

@@ -1,0 +1,90 @@
+"""A/B of two variants of the code in one process, training step by step.
+
+Steps with the code as it is and steps with one object (``--target
+module:attr``) replaced by another (``--replacement module:attr``)
+alternate, so that a drifting machine hits both alike. Prints one JSON
+object: the median step time of each variant, the median of the paired
+differences (as is minus patched) and in how many pairs the code as it is
+was faster. The training step is
+:mod:`mmbiformer.analysis.benchmark`'s (data preprocessor, loss, backward,
+AdamW).
+
+Example (the GELU kernel of the MLP backward against torch's two ops, in
+docs/benchmarks.md)::
+
+    python tools/analysis/ab_train_step.py \\
+        configs/classification/biformer_s_in1k.py \\
+        --target mmbiformer.ops.linear:gelu_and_grad_ \\
+        --replacement mmbiformer.ops.linear:gelu_and_grad_torch_ \\
+        --pairs 15 --threads 2
+"""
+import argparse
+import importlib
+import json
+import statistics
+import time
+
+
+def _resolve(name: str):
+    module, _, attr = name.partition(':')
+    if not attr:
+        raise SystemExit(f'{name!r}: expected module:attr')
+    return importlib.import_module(module), attr
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('config')
+    p.add_argument('--target', required=True, metavar='MODULE:ATTR',
+                   help='the object the patched variant replaces')
+    p.add_argument('--replacement', required=True, metavar='MODULE:ATTR',
+                   help='what the patched variant uses instead')
+    p.add_argument('--pairs', type=int, default=10)
+    p.add_argument('--batch', type=int, default=8)
+    p.add_argument('--img-size', type=int, default=224)
+    p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--threads', type=int, default=None)
+    args = p.parse_args(argv)
+
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from mmengine.optim import OptimWrapper
+
+    from mmbiformer.analysis.benchmark import _build, _synthetic_batch
+    t_mod, t_attr = _resolve(args.target)
+    r_mod, r_attr = _resolve(args.replacement)
+    original = getattr(t_mod, t_attr)
+    patched = getattr(r_mod, r_attr)
+
+    scope, model = _build(args.config, {})
+    model.train()
+    data = _synthetic_batch(scope, args.batch, args.img_size, 1000)
+    optim = OptimWrapper(torch.optim.AdamW(model.parameters(), lr=1e-4))
+    for _ in range(args.warmup):
+        model.train_step(data, optim)
+    times = {'as is': [], 'patched': []}
+    try:
+        for _ in range(args.pairs):
+            for name, obj in (('as is', original), ('patched', patched)):
+                setattr(t_mod, t_attr, obj)
+                start = time.perf_counter()
+                model.train_step(data, optim)
+                times[name].append(time.perf_counter() - start)
+    finally:
+        setattr(t_mod, t_attr, original)
+    diffs = [a - b for a, b in zip(times['as is'], times['patched'])]
+    print(json.dumps({
+        'config': args.config, 'target': args.target,
+        'replacement': args.replacement, 'pairs': args.pairs,
+        'median_ms_as_is': round(statistics.median(times['as is']) * 1e3),
+        'median_ms_patched': round(statistics.median(times['patched']) *
+                                   1e3),
+        'paired_median_diff_ms_as_is_minus_patched': round(
+            statistics.median(diffs) * 1e3),
+        'pairs_as_is_faster': sum(d < 0 for d in diffs),
+    }))
+
+
+if __name__ == '__main__':
+    main()
