@@ -47,6 +47,12 @@ def _routes(n, regions, topk, seed=0):
     (1, (15, 10), 5, 1, 16, 48, 4),    # 3x2 regions: 6 queries (tail 2)
     (2, (12, 12), 4, 2, 64, 32, 5),    # 9-token regions, 45 keys
     (1, (8, 8), 2, 4, 16, 16, 4),      # topk = all regions
+    # region sizes dividing 16: logits from grouped key copies, the routed
+    # regions padded with zero blocks to a multiple of 16 keys
+    (2, (8, 8), 4, 2, 48, 16, 5),      # 4 tokens, d != dv, 5 of 8 blocks
+    (1, (6, 12), 3, 1, 32, 32, 4),     # 2x4 = 8 tokens
+    (1, (4, 8), 4, 2, 16, 16, 6),      # 1x2 = 2 tokens, 6 of 8 blocks
+    (1, (8, 8), 2, 2, 16, 32, 3),      # 4x4 = 16 tokens (rows), 3 routed
     # regions of more than 16 tokens: logits from a transposed key copy
     (1, (16, 16), 2, 2, 32, 32, 1),    # 64-token regions, one routed
     (1, (10, 10), 2, 1, 16, 32, 1),    # 25 tokens: padded keys, tail query

@@ -158,8 +158,12 @@ MMB_INLINE void logits4(const float* const* q, const float* kt, float* const* s,
   for (; jb < nk16; jb += 16) logits4_block<1>(q, kt, s, d, nk16, jb, scale);
 }
 
-// out[j] = sum of the lanes of x[j], j < 16 (a transpose-and-add tree)
-MMB_INLINE v16 reduce16(v16* x) {
+// A transpose-and-add tree over G = 2, 4, 8 or 16 vectors whose lane
+// g * (16 / G) + t holds a partial sum g of output t: returns the 16 / G
+// outputs of x[0], then those of x[1], ... (G = 16: out[j] = the sum of the
+// lanes of x[j]).
+template <int G>
+MMB_INLINE v16 tree_sum(v16* x) {
   const i16 lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
   const i16 hi8 = {8, 9, 10, 11, 12, 13, 14, 15,
                    24, 25, 26, 27, 28, 29, 30, 31};
@@ -169,18 +173,23 @@ MMB_INLINE v16 reduce16(v16* x) {
   const i16 hi2 = {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31};
   const i16 ev = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
   const i16 od = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
-  // after each level, vector p holds the partial sums of the inputs it
-  // covers in consecutive lane groups, in input order
-  for (int p = 0; p < 8; ++p)
-    x[p] = __builtin_shuffle(x[2 * p], x[2 * p + 1], lo8) +
-           __builtin_shuffle(x[2 * p], x[2 * p + 1], hi8);
-  for (int p = 0; p < 4; ++p)
-    x[p] = __builtin_shuffle(x[2 * p], x[2 * p + 1], lo4) +
-           __builtin_shuffle(x[2 * p], x[2 * p + 1], hi4);
-  for (int p = 0; p < 2; ++p)
-    x[p] = __builtin_shuffle(x[2 * p], x[2 * p + 1], lo2) +
-           __builtin_shuffle(x[2 * p], x[2 * p + 1], hi2);
-  return __builtin_shuffle(x[0], x[1], ev) + __builtin_shuffle(x[0], x[1], od);
+  // each level halves the vectors and the partial sums per output: vector
+  // p then holds those of inputs 2p and 2p + 1 in consecutive lane groups
+  if (G >= 2)
+    for (int p = 0; p < G / 2; ++p)
+      x[p] = __builtin_shuffle(x[2 * p], x[2 * p + 1], lo8) +
+             __builtin_shuffle(x[2 * p], x[2 * p + 1], hi8);
+  if (G >= 4)
+    for (int p = 0; p < G / 4; ++p)
+      x[p] = __builtin_shuffle(x[2 * p], x[2 * p + 1], lo4) +
+             __builtin_shuffle(x[2 * p], x[2 * p + 1], hi4);
+  if (G >= 8)
+    for (int p = 0; p < G / 8; ++p)
+      x[p] = __builtin_shuffle(x[2 * p], x[2 * p + 1], lo2) +
+             __builtin_shuffle(x[2 * p], x[2 * p + 1], hi2);
+  if (G >= 16)
+    x[0] = __builtin_shuffle(x[0], x[1], ev) + __builtin_shuffle(x[0], x[1], od);
+  return x[0];
 }
 
 // s_i[j] = scale * q_i . rows[j], j < nk16 (rows: nk16 pointers, the
@@ -199,7 +208,7 @@ MMB_INLINE void logits4_rows(const float* const* q, const float* const* rows,
           a += load16(q[i] + c) * load16(kr + c);
         acc[j] = a;
       }
-      store16(s[i] + jb, reduce16(acc) * scale);
+      store16(s[i] + jb, tree_sum<16>(acc) * scale);
     }
   }
 }
@@ -320,21 +329,18 @@ struct GeomTables {
   }
 };
 
-// Transposed copy (c_dim, nk16) of the routed rows of one (batch, head),
-// zero padding columns.
-MMB_INLINE void gather_t(const View4& src, const int64_t* routed, int64_t n,
-                         int64_t hd, const MapGeom& g, int64_t c_dim,
-                         int64_t nk16, float* tr) {
-  const int64_t tq = g.rh * g.rw, nk = g.K * tq;
-  for (int64_t kk = 0; kk < g.K; ++kk) {
-    for (int64_t t = 0; t < tq; ++t) {
-      const int64_t j = kk * tq + t;
-      const float* s = src.at(n, g.token(routed[kk], t), hd);
-      for (int64_t c = 0; c < c_dim; ++c) tr[c * nk16 + j] = s[c];
-    }
+// Transposed copy (c_dim, nk16) of nk16 rows (the padding ones zeros),
+// written row by row of the copy: the reads stay within the rows' few cache
+// lines while the writes are sequential (writing it column by column, the
+// writes strided by nk16 floats, took about 1.7 of the 6.8 ms of the
+// attention forward at BiFormer-S's first stage, batch 8; this way about
+// 0.3 ms).
+MMB_INLINE void transpose_rows(const float* const* rows, int64_t c_dim,
+                               int64_t nk16, float* tr) {
+  for (int64_t c = 0; c < c_dim; ++c) {
+    float* o = tr + c * nk16;
+    for (int64_t j = 0; j < nk16; ++j) o[j] = rows[j][c];
   }
-  for (int64_t c = 0; c < c_dim; ++c)
-    for (int64_t j = nk; j < nk16; ++j) tr[c * nk16 + j] = 0.f;
 }
 
 // Pointers to the routed rows of one (batch, head) of a (N, L, h, c) view
@@ -349,6 +355,98 @@ MMB_INLINE void routed_rows(const View4& x, const int64_t* routed, int64_t n,
       rows[kk * tq + t] = x.at(n, g.token(routed[kk], t), hd);
   }
   for (int64_t j = nk; j < nk16; ++j) rows[j] = pad;
+}
+
+// Regions of 2, 4 or 8 tokens have a grouped copy of their keys (G = 16 /
+// tq): per (batch, head, region) c_dim / G vectors, lane g * tq + t of
+// vector u holding channel u * G + g of token t. A query then meets G routed
+// regions with full-width products and sums them in log2(G) levels of
+// tree_sum, where dot products of rows need four levels per 16 keys
+// (measured at BiFormer-S's third stage, 2x2 regions: 12-16 % off the
+// attention forward and backward; for 16-token regions the rows stayed
+// faster than a grouped copy).
+MMB_INLINE int64_t key_groups(int64_t tq) {
+  return tq >= 2 && tq <= 8 && 16 % tq == 0 ? 16 / tq : 0;
+}
+
+// The grouped copy of one (batch, head) of x: R blocks of c_dim * tq floats.
+MMB_INLINE void group_rows(const View4& x, int64_t n, int64_t hd,
+                           const MapGeom& g, int64_t R, int64_t c_dim,
+                           float* dst) {
+  const int64_t tq = g.rh * g.rw, G = 16 / tq;
+  for (int64_t r = 0; r < R; ++r) {
+    float* o = dst + r * c_dim * tq;
+    for (int64_t t = 0; t < tq; ++t) {
+      const float* src = x.at(n, g.token(r, t), hd);
+      for (int64_t u = 0; u < c_dim / G; ++u)
+        for (int64_t gg = 0; gg < G; ++gg)
+          o[u * 16 + gg * tq + t] = src[u * G + gg];
+    }
+  }
+}
+
+// group_rows for items [i0, i1), item = batch * nh + head
+MMB_CLONES
+void group_items(const View4& x, const MapGeom& g, int64_t nh, int64_t R,
+                 int64_t c_dim, float* dst, int64_t i0, int64_t i1) {
+  const int64_t block = R * c_dim * g.rh * g.rw;
+  for (int64_t item = i0; item < i1; ++item)
+    group_rows(x, item / nh, item % nh, g, R, c_dim, dst + item * block);
+}
+
+// qe_i: query q_i spread to the grouped layout (vector u, lane g * tq + t:
+// channel u * G + g), c_dim * tq floats
+MMB_INLINE void spread_query(const float* q, float* qe, int64_t c_dim,
+                             int64_t G) {
+  const int64_t tq = 16 / G;
+  i16 lane{};
+  for (int l = 0; l < 16; ++l) lane[l] = static_cast<int32_t>(l / tq);
+  for (int64_t u = 0; u < c_dim / G; ++u) {
+    const int64_t c0 = u * G;
+    const v16 src = load16(q + (c0 & ~int64_t{15}));
+    store16(qe + u * 16,
+            __builtin_shuffle(src, lane + static_cast<int32_t>(c0 & 15)));
+  }
+}
+
+// s_i[off + j] = scale * q_i . key_j for the 16 keys of G routed regions
+// (grouped blocks blk[0..G)), NQ spread queries qe_i at a time
+template <int G, int NQ>
+MMB_INLINE void logits_grouped_block(const float* const* qe,
+                                     const float* const* blk,
+                                     float* const* s, int64_t nu, int64_t off,
+                                     float scale) {
+  v16 acc[NQ][G] = {};
+  for (int64_t u = 0; u < nu; ++u) {
+    v16 kv[G];
+    for (int gg = 0; gg < G; ++gg) kv[gg] = load16(blk[gg] + u * 16);
+    for (int i = 0; i < NQ; ++i) {
+      const v16 qv = load16(qe[i] + u * 16);
+      for (int gg = 0; gg < G; ++gg) acc[i][gg] += qv * kv[gg];
+    }
+  }
+  for (int i = 0; i < NQ; ++i)
+    store16(s[i] + off, tree_sum<G>(acc[i]) * scale);
+}
+
+// s_i[j] = scale * q_i . key_j, j < nk16, for the QB queries q and the
+// grouped blocks of the routed regions (blk: nk16 / tq pointers, the
+// padding ones to a zero block); qe: QB * c_dim * tq floats of scratch
+template <int G>
+MMB_INLINE void logits_grouped(const float* const* q, const float* const* blk,
+                               float* const* s, int64_t c_dim, int64_t nk16,
+                               float scale, float* qe) {
+  constexpr int64_t tq = 16 / G;
+  constexpr int NQ = G <= 4 ? 4 : 2;  // accumulators: NQ * G <= 16
+  float* qs[QB];
+  for (int i = 0; i < QB; ++i) {
+    qs[i] = qe + i * c_dim * tq;
+    spread_query(q[i], qs[i], c_dim, G);
+  }
+  for (int i0 = 0; i0 < QB; i0 += NQ)
+    for (int64_t jb = 0; jb < nk16; jb += 16)
+      logits_grouped_block<G, NQ>(qs + i0, blk + jb / tq, s + i0, c_dim / G,
+                                  jb, scale);
 }
 
 void check_bra_inputs(const torch::Tensor& q, const torch::Tensor& k,
@@ -377,6 +475,7 @@ void check_bra_inputs(const torch::Tensor& q, const torch::Tensor& k,
 // Everything one call needs; forward leaves the gradient fields empty.
 struct BraArgs {
   View4 q, k, v, out, grad_out, dq, dk, dv;
+  const float* kg;  // forward: grouped copy of k (see RoutedKeys), or null
   float* lse;
   const int64_t* idx;
   MapGeom g;
@@ -384,31 +483,54 @@ struct BraArgs {
   float scale;
 };
 
-// Regions of at most this many tokens take the logits as dot products of
-// rows (logits4_rows); larger ones amortise a transposed copy of the routed
-// keys over their query blocks (measured: 2x faster at 4 tokens, 1.2x at 16,
-// 0.9x at 64).
+// Regions of at most this many tokens whose size does not divide 16 take
+// the logits as dot products of rows (logits4_rows); larger ones amortise a
+// transposed copy of the routed keys over their query blocks (measured: 2x
+// faster at 4 tokens, 1.2x at 16, 0.9x at 64).
 constexpr int64_t kRowsMaxTokens = 16;
 
 // The routed rows one query region reads as "keys" of its logits (k in
-// q k^T, or v in dO v^T): row pointers always, and a transposed copy for
+// q k^T, or v in dO v^T): row pointers always, plus the grouped blocks of
+// the routed regions (regions of tq tokens, tq dividing 16; the caller
+// passes the grouped copy of the (batch, head)), else a transposed copy for
 // regions of more than kRowsMaxTokens tokens.
 struct RoutedKeys {
-  bool by_rows;
-  int64_t c_dim, nk16;
-  std::vector<const float*> rows;
-  std::vector<float> tr;
-  RoutedKeys(int64_t tq, int64_t c_dim, int64_t nk16)
-      : by_rows(tq <= kRowsMaxTokens), c_dim(c_dim), nk16(nk16), rows(nk16),
-        tr(by_rows ? 0 : c_dim * nk16) {}
+  int64_t tq, G, c_dim, nk16;
+  bool by_rows, need_rows;
+  std::vector<const float*> rows, blk;
+  std::vector<float> tr, zero, qe;
+  // rows_used: whether the caller reads `rows` itself (else they are only
+  // set where the logits need them)
+  RoutedKeys(int64_t tq, int64_t c_dim, int64_t nk16, bool rows_used = true)
+      : tq(tq), G(key_groups(tq)), c_dim(c_dim), nk16(nk16),
+        by_rows(G == 0 && tq <= kRowsMaxTokens),
+        need_rows(rows_used || G == 0), rows(nk16),
+        blk(G ? nk16 / tq : 0), tr(G || by_rows ? 0 : c_dim * nk16),
+        zero(G ? c_dim * tq : 0, 0.f), qe(G > 1 ? QB * c_dim * tq : 0) {}
+  // grouped: the grouped copy of (n, hd) when G != 0
   MMB_INLINE void load(const View4& x, const int64_t* routed, int64_t n,
-                       int64_t hd, const MapGeom& g, const float* pad) {
-    routed_rows(x, routed, n, hd, g, nk16, pad, rows.data());
-    if (!by_rows) gather_t(x, routed, n, hd, g, c_dim, nk16, tr.data());
+                       int64_t hd, const MapGeom& g, const float* pad,
+                       const float* grouped) {
+    if (need_rows) routed_rows(x, routed, n, hd, g, nk16, pad, rows.data());
+    if (G) {
+      for (int64_t kk = 0; kk < g.K; ++kk)
+        blk[kk] = grouped + routed[kk] * c_dim * tq;
+      for (int64_t kk = g.K; kk < nk16 / tq; ++kk) blk[kk] = zero.data();
+    } else if (!by_rows) {
+      transpose_rows(rows.data(), c_dim, nk16, tr.data());
+    }
   }
   // s_i[j] = scale * q_i . key_j for the 4 query rows q
   MMB_INLINE void logits(const float* const* q, float* const* s,
-                         float scale) const {
+                         float scale) {
+    switch (G) {
+      case 2: return logits_grouped<2>(q, blk.data(), s, c_dim, nk16, scale,
+                                       qe.data());
+      case 4: return logits_grouped<4>(q, blk.data(), s, c_dim, nk16, scale,
+                                       qe.data());
+      case 8: return logits_grouped<8>(q, blk.data(), s, c_dim, nk16, scale,
+                                       qe.data());
+    }
     if (by_rows)
       logits4_rows(q, rows.data(), s, c_dim, nk16, scale);
     else
@@ -422,7 +544,7 @@ void bra_forward_items(const BraArgs& a, int64_t i0, int64_t i1) {
   const MapGeom& g = a.g;
   const int64_t d = a.d, dv = a.dv_dim, nh = a.nh, R = a.R;
   const int64_t tq = g.rh * g.rw, nk = g.K * tq, nk16 = (nk + 15) / 16 * 16;
-  RoutedKeys keys(tq, d, nk16);
+  RoutedKeys keys(tq, d, nk16, false);
   std::vector<float> s(QB * nk16);
   std::vector<float> pad(std::max(d, dv), 0.f), sink(dv);
   std::vector<const float*> vrow(nk16);
@@ -431,7 +553,8 @@ void bra_forward_items(const BraArgs& a, int64_t i0, int64_t i1) {
   for (int64_t item = i0; item < i1; ++item) {
     const int64_t hd = item % nh, r = (item / nh) % R, n = item / (nh * R);
     const int64_t* routed = a.idx + (n * R + r) * g.K;
-    keys.load(a.k, routed, n, hd, g, pad.data());
+    keys.load(a.k, routed, n, hd, g, pad.data(),
+              a.kg ? a.kg + (n * nh + hd) * a.L * d : nullptr);
     routed_rows(a.v, routed, n, hd, g, nk16, pad.data(), vrow.data());
     for (int64_t t0 = 0; t0 < tq; t0 += QB) {
       const float* qrow[QB];
@@ -467,6 +590,8 @@ void bra_backward_items(const BraArgs& a, int64_t i0, int64_t i1) {
   const int64_t d = a.d, dvd = a.dv_dim, nh = a.nh, R = a.R;
   const int64_t tq = g.rh * g.rw, nk = g.K * tq, nk16 = (nk + 15) / 16 * 16;
   RoutedKeys keys(tq, d, nk16), vals(tq, dvd, nk16);
+  // grouped copies of k and v of the item's (batch, head), if used
+  std::vector<float> kg(keys.G ? a.L * d : 0), vg(vals.G ? a.L * dvd : 0);
   std::vector<float> p(QB * nk16), ds(QB * nk16);
   std::vector<float> pad(std::max(d, dvd), 0.f), sink(std::max(d, dvd));
   std::vector<float*> dkrow(nk16), dvrow(nk16);
@@ -479,10 +604,14 @@ void bra_backward_items(const BraArgs& a, int64_t i0, int64_t i1) {
   const float ones[QB] = {1.f, 1.f, 1.f, 1.f};
   for (int64_t item = i0; item < i1; ++item) {
     const int64_t hd = item % nh, n = item / nh;
+    if (keys.G) {
+      group_rows(a.k, n, hd, g, R, d, kg.data());
+      group_rows(a.v, n, hd, g, R, dvd, vg.data());
+    }
     for (int64_t r = 0; r < R; ++r) {
       const int64_t* routed = a.idx + (n * R + r) * g.K;
-      keys.load(a.k, routed, n, hd, g, pad.data());
-      vals.load(a.v, routed, n, hd, g, pad.data());
+      keys.load(a.k, routed, n, hd, g, pad.data(), kg.data());
+      vals.load(a.v, routed, n, hd, g, pad.data(), vg.data());
       routed_rows(a.dk, routed, n, hd, g, nk16, sink.data(), dkrow.data());
       routed_rows(a.dv, routed, n, hd, g, nk16, sink.data(), dvrow.data());
       for (int64_t t0 = 0; t0 < tq; t0 += QB) {
@@ -600,10 +729,25 @@ std::vector<torch::Tensor> bra_forward(torch::Tensor q, torch::Tensor k,
                       : torch::empty({0}, q.options());
   const View4 none{nullptr, 0, 0, 0};
   const GeomTables tables(W, nw, H / nw, W / nw);
+  const MapGeom geom = tables.geom(H, W, nw, idx.size(2));
+  // the grouped copy of k lives in a buffer kept per calling thread: a
+  // fresh tensor of this size would cost page faults on every call
+  thread_local std::vector<float> kg_buffer;
+  const float* kg = nullptr;
+  if (key_groups(geom.rh * geom.rw)) {
+    if (kg_buffer.size() < static_cast<size_t>(N * L * nh * d))
+      kg_buffer.resize(N * L * nh * d);
+    float* dst = kg_buffer.data();
+    const View4 kv = view4(k);
+    at::parallel_for(0, N * nh, 1, [&](int64_t i0, int64_t i1) {
+      group_items(kv, geom, nh, R, d, dst, i0, i1);
+    });
+    kg = dst;
+  }
   const BraArgs a{view4(q), view4(k), view4(v), view4(out), none, none, none,
-                  none, need_lse ? lse.data_ptr<float>() : nullptr,
+                  none, kg, need_lse ? lse.data_ptr<float>() : nullptr,
                   idx.data_ptr<int64_t>(),
-                  tables.geom(H, W, nw, idx.size(2)), L, nh, d,
+                  geom, L, nh, d,
                   dv, R, static_cast<float>(scale)};
   at::parallel_for(0, N * R * nh, 1, [&](int64_t i0, int64_t i1) {
     bra_forward_items(a, i0, i1);
@@ -637,7 +781,8 @@ void bra_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k,
   dv.zero_();
   const GeomTables tables(W, nw, H / nw, W / nw);
   const BraArgs a{view4(q), view4(k), view4(v), view4(out), view4(grad_out),
-                  view4(dq), view4(dk), view4(dv), lse.data_ptr<float>(),
+                  view4(dq), view4(dk), view4(dv), nullptr,
+                  lse.data_ptr<float>(),
                   idx.data_ptr<int64_t>(),
                   tables.geom(H, W, nw, idx.size(2)), L, nh, d,
                   dvd, R, static_cast<float>(scale)};
