@@ -6,9 +6,11 @@ The kernels read q, k and v where they are (views of the ``qkv`` projection,
 copy of the routed keys for regions of more than 16 tokens) and write the
 output straight into an ``(N, H, W, C)`` map: no region-major copies of q/k/v
 or of the output, no top-k copies of K/V, and the exact routed FLOPs (unlike
-the dense mode of the ``fused`` backend). The forward keeps the per-query
-log-sum-exp; the backward recomputes the attention per region and accumulates
-dK/dV per (batch, head). float32, head dims that are multiples of 16, ``S ==
+the dense mode of the ``fused`` backend). The forward keeps only the
+per-query log-sum-exp (not the output: the backward takes ``dO . o`` as
+``sum_j P_ij dP_ij`` from the probabilities it recomputes); the backward
+recomputes the attention per region and accumulates dK/dV per (batch,
+head). float32, head dims that are multiples of 16, ``S ==
 R`` (self-attention over the same grid) and no key mask; elsewhere the callers
 use the ``fused`` backend.
 """
@@ -61,21 +63,21 @@ class BRACpuAttention(torch.autograd.Function):
                                        v.transpose(1, 2), idx, h, w, nw,
                                        scale, need_grad)
         if need_grad:
-            ctx.save_for_backward(q, k, v, out, lse, idx)
+            ctx.save_for_backward(q, k, v, lse, idx)
         ctx.geometry, ctx.scale, ctx.kernels = geometry, scale, kernels
         return out.transpose(1, 2)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        q, k, v, out, lse, idx = ctx.saved_tensors
+        q, k, v, lse, idx = ctx.saved_tensors
         h, w, nw = ctx.geometry
         go = grad_out.transpose(1, 2)
         if go.stride(-1) != 1:
             go = go.contiguous()
         grads = [x.new_empty(x.transpose(1, 2).shape) for x in (q, k, v)]
         ctx.kernels.bra_backward(go, q.transpose(1, 2), k.transpose(1, 2),
-                                 v.transpose(1, 2), out, lse, idx, h, w, nw,
+                                 v.transpose(1, 2), lse, idx, h, w, nw,
                                  ctx.scale, *grads)
         dq, dk, dv = (x.transpose(1, 2) for x in grads)
         return dq, dk, dv, None, None, None
@@ -97,9 +99,11 @@ class BRACpuLepeAttention(torch.autograd.Function):
     ``(C, 1, k, k)`` and ``bias``, padding ``k // 2``); ``geometry`` is
     ``(H, W, n_win, heads, qk_dim)``; returns ``(N, H, W, C)``.
 
-    The backward writes dq, dk and dv (attention plus LePE) into one
-    qkv-shaped gradient: autograd then neither sums the two dv nor
-    concatenates the three gradients behind the split.
+    The forward computes the LePE first and the kernel adds the attention
+    into that map: one output tensor, no separate sum. The backward writes
+    dq, dk and dv (attention plus LePE) into one qkv-shaped gradient:
+    autograd then neither sums the two dv nor concatenates the three
+    gradients behind the split.
     """
 
     @staticmethod
@@ -110,19 +114,24 @@ class BRACpuLepeAttention(torch.autograd.Function):
         h, w, nw, heads, qk_dim = geometry
         need_attn_grad = ctx.needs_input_grad[0]
         idx = topk_index.contiguous()
-        out, lse = kernels.bra_forward(*_split_qkv(qkv, qk_dim, heads), idx,
-                                       h, w, nw, scale, need_attn_grad)
         v = qkv[..., 2 * qk_dim:]
-        lepe = depthwise_conv(v.permute(0, 3, 1, 2), weight, bias)
-        ctx.save_for_backward(qkv, weight, out, lse, idx)
+        # the LePE first; the kernel adds the attention into its output
+        lepe = depthwise_conv(v.permute(0, 3, 1, 2), weight,
+                              bias).permute(0, 2, 3, 1)
+        if not lepe.is_contiguous():
+            lepe = lepe.contiguous()
+        out = lepe.view(lepe.shape[0], h * w, heads, lepe.shape[-1] // heads)
+        _, lse = kernels.bra_forward(*_split_qkv(qkv, qk_dim, heads), idx, h,
+                                     w, nw, scale, need_attn_grad, out)
+        ctx.save_for_backward(qkv, weight, lse, idx)
         ctx.geometry, ctx.scale, ctx.kernels = geometry, scale, kernels
         ctx.has_bias = bias is not None
-        return out.view(v.shape) + lepe.permute(0, 2, 3, 1)
+        return lepe
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        qkv, weight, out, lse, idx = ctx.saved_tensors
+        qkv, weight, lse, idx = ctx.saved_tensors
         h, w, nw, heads, qk_dim = ctx.geometry
         need_qkv, _, need_w, need_b = ctx.needs_input_grad[:4]
         if qkv.numel() == 0:  # empty batch: nothing for the kernels to do
@@ -139,7 +148,7 @@ class BRACpuLepeAttention(torch.autograd.Function):
             go = grad_out.view(grad_out.shape[0], h * w, heads,
                                grad_out.shape[-1] // heads)
             ctx.kernels.bra_backward(go, *_split_qkv(qkv, qk_dim, heads),
-                                     out, lse, idx, h, w, nw, ctx.scale,
+                                     lse, idx, h, w, nw, ctx.scale,
                                      *_split_qkv(dqkv, qk_dim, heads))
             dv_lepe = depthwise_input_grad(grad_out.permute(0, 3, 1, 2),
                                            weight)

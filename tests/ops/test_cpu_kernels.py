@@ -132,7 +132,7 @@ def test_backward_kernel_overwrites_the_given_gradients():
     grads = []
     for fill in (0.0, float('nan')):
         dqkv = torch.full_like(qkv, fill)
-        kernels.bra_backward(go, q, k, v, out, lse, idx, h, w, nw, 0.25,
+        kernels.bra_backward(go, q, k, v, lse, idx, h, w, nw, 0.25,
                              *cpu_bra._split_qkv(dqkv, heads * d, heads))
         grads.append(dqkv)
     assert torch.isfinite(grads[1]).all()

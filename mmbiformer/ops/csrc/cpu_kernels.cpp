@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -213,8 +214,9 @@ MMB_INLINE void logits4_rows(const float* const* q, const float* const* rows,
   }
 }
 
-// o_i[cb + c] = inv_i * sum_{j < nk} p_i[j] rows[j][cb + c], c < 16 * NV
-template <int NV>
+// o_i[cb + c] (+)= inv_i * sum_{j < nk} p_i[j] rows[j][cb + c], c < 16 * NV
+// (ADD: added to what o_i holds)
+template <int NV, bool ADD>
 MMB_INLINE void wsum4_block(const float* const* p, const float* const* rows,
                             float* const* o, const float* inv, int64_t nk,
                             int64_t cb) {
@@ -228,17 +230,21 @@ MMB_INLINE void wsum4_block(const float* const* p, const float* const* rows,
     }
   }
   for (int i = 0; i < QB; ++i)
-    for (int v = 0; v < NV; ++v)
-      store16(o[i] + cb + 16 * v, acc[i][v] * inv[i]);
+    for (int v = 0; v < NV; ++v) {
+      float* dst = o[i] + cb + 16 * v;
+      store16(dst, ADD ? load16(dst) + acc[i][v] * inv[i] : acc[i][v] * inv[i]);
+    }
 }
 
-// o_i[c] = inv_i * sum_{j < nk} p_i[j] rows[j][c]
+// o_i[c] (+)= inv_i * sum_{j < nk} p_i[j] rows[j][c]
+template <bool ADD = false>
 MMB_INLINE void wsum4(const float* const* p, const float* const* rows,
                       float* const* o, const float* inv, int64_t nk,
                       int64_t dv) {
   int64_t cb = 0;
-  for (; cb + 32 <= dv; cb += 32) wsum4_block<2>(p, rows, o, inv, nk, cb);
-  for (; cb < dv; cb += 16) wsum4_block<1>(p, rows, o, inv, nk, cb);
+  for (; cb + 32 <= dv; cb += 32)
+    wsum4_block<2, ADD>(p, rows, o, inv, nk, cb);
+  for (; cb < dv; cb += 16) wsum4_block<1, ADD>(p, rows, o, inv, nk, cb);
 }
 
 // acc[j][cb + c] += sum_i w_i[j] x_i[cb + c], j < nk, c < 16 * NV
@@ -476,6 +482,7 @@ void check_bra_inputs(const torch::Tensor& q, const torch::Tensor& k,
 struct BraArgs {
   View4 q, k, v, out, grad_out, dq, dk, dv;
   const float* kg;  // forward: grouped copy of k (see RoutedKeys), or null
+  bool add_out;     // forward: add the attention to what `out` holds
   float* lse;
   const int64_t* idx;
   MapGeom g;
@@ -573,7 +580,10 @@ void bra_forward_items(const BraArgs& a, int64_t i0, int64_t i1) {
         inv[i] = 1.f / sum;
         lse_b[i] = m + std::log(sum);
       }
-      wsum4(srow, vrow.data(), orow, inv, nk, dv);
+      if (a.add_out)
+        wsum4<true>(srow, vrow.data(), orow, inv, nk, dv);
+      else
+        wsum4(srow, vrow.data(), orow, inv, nk, dv);
       if (a.lse)
         for (int i = 0; i < QB && t0 + i < tq; ++i)
           a.lse[(n * nh + hd) * a.L + g.token(r, t0 + i)] = lse_b[i];
@@ -617,7 +627,7 @@ void bra_backward_items(const BraArgs& a, int64_t i0, int64_t i1) {
       for (int64_t t0 = 0; t0 < tq; t0 += QB) {
         const float *qrow[QB], *gorow[QB];
         float* dqrow[QB];
-        float delta[QB], lse_b[QB];
+        float lse_b[QB];
         for (int i = 0; i < QB; ++i) {
           const bool real = t0 + i < tq;
           const int64_t l = real ? g.token(r, t0 + i) : 0;
@@ -625,13 +635,15 @@ void bra_backward_items(const BraArgs& a, int64_t i0, int64_t i1) {
           gorow[i] = real ? a.grad_out.at(n, l, hd) : pad.data();
           dqrow[i] = real ? a.dq.at(n, l, hd) : sink.data();
           lse_b[i] = real ? a.lse[(n * nh + hd) * a.L + l] : 0.f;
-          delta[i] = real ? dot(gorow[i], a.out.at(n, l, hd), dvd) : 0.f;
         }
         keys.logits(qrow, prow, a.scale);
         vals.logits(gorow, dsrow, 1.f);
         for (int i = 0; i < QB; ++i) {
           exp_shift(prow[i], nk, nk16, lse_b[i]);
-          softmax_grad(prow[i], dsrow[i], nk16, delta[i], a.scale);
+          // dO_i . o_i = sum_j P_ij dP_ij (o_i = sum_j P_ij v_j): the
+          // output need not be kept for the backward
+          const float delta = dot(prow[i], dsrow[i], nk16);
+          softmax_grad(prow[i], dsrow[i], nk16, delta, a.scale);
         }
         wsum4(dsrow, keys.rows.data(), dqrow, ones, nk, d);
         rank4(dkrow.data(), dsrow, qrow, nk, d);
@@ -716,15 +728,26 @@ torch::Tensor gelu_grad(torch::Tensor h, torch::Tensor dz) {
   return g;
 }
 
-// -> out (N, L, h, dv) contiguous, lse (N, h, L) float32
+// -> out (N, L, h, dv), lse (N, h, L) float32. Without add_to, out is a
+// fresh contiguous tensor; with it (a float32 (N, L, h, dv) view with a unit
+// last stride, e.g. of the LePE output) the attention is added to what it
+// holds and it is returned.
 std::vector<torch::Tensor> bra_forward(torch::Tensor q, torch::Tensor k,
                                        torch::Tensor v, torch::Tensor idx,
                                        int64_t H, int64_t W, int64_t nw,
-                                       double scale, bool need_lse) {
+                                       double scale, bool need_lse,
+                                       std::optional<torch::Tensor> add_to) {
   check_bra_inputs(q, k, v, idx, H, W, nw);
   const int64_t N = q.size(0), L = q.size(1), nh = q.size(2), d = q.size(3);
   const int64_t dv = v.size(3), R = nw * nw;
-  auto out = torch::empty({N, L, nh, dv}, q.options());
+  if (add_to)
+    TORCH_CHECK(add_to->dim() == 4 && add_to->size(0) == N &&
+                    add_to->size(1) == L && add_to->size(2) == nh &&
+                    add_to->size(3) == dv && add_to->stride(3) == 1 &&
+                    add_to->scalar_type() == at::kFloat,
+                "bra_forward: add_to must be a float32 (N, L, h, dv) view "
+                "with a unit last stride");
+  auto out = add_to ? *add_to : torch::empty({N, L, nh, dv}, q.options());
   auto lse = need_lse ? torch::empty({N, nh, L}, q.options())
                       : torch::empty({0}, q.options());
   const View4 none{nullptr, 0, 0, 0};
@@ -745,7 +768,8 @@ std::vector<torch::Tensor> bra_forward(torch::Tensor q, torch::Tensor k,
     kg = dst;
   }
   const BraArgs a{view4(q), view4(k), view4(v), view4(out), none, none, none,
-                  none, kg, need_lse ? lse.data_ptr<float>() : nullptr,
+                  none, kg, add_to.has_value(),
+                  need_lse ? lse.data_ptr<float>() : nullptr,
                   idx.data_ptr<int64_t>(),
                   geom, L, nh, d,
                   dv, R, static_cast<float>(scale)};
@@ -756,17 +780,22 @@ std::vector<torch::Tensor> bra_forward(torch::Tensor q, torch::Tensor k,
 }
 
 // Writes dq, dk (N, L, h, d) and dv (N, L, h, dv): views with a unit last
-// stride (e.g. slices of one qkv-shaped gradient), overwritten.
+// stride (e.g. slices of one qkv-shaped gradient), overwritten. Needs the
+// forward's lse, not its output.
 void bra_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k,
-                  torch::Tensor v, torch::Tensor out, torch::Tensor lse,
-                  torch::Tensor idx, int64_t H, int64_t W, int64_t nw,
-                  double scale, torch::Tensor dq, torch::Tensor dk,
-                  torch::Tensor dv) {
+                  torch::Tensor v, torch::Tensor lse, torch::Tensor idx,
+                  int64_t H, int64_t W, int64_t nw, double scale,
+                  torch::Tensor dq, torch::Tensor dk, torch::Tensor dv) {
   check_bra_inputs(q, k, v, idx, H, W, nw);
-  TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_out.stride(3) == 1 &&
-                  out.stride(3) == 1 && lse.is_contiguous() &&
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == v.size(0) &&
+                  grad_out.size(1) == v.size(1) &&
+                  grad_out.size(2) == v.size(2) &&
+                  grad_out.size(3) == v.size(3) && grad_out.stride(3) == 1 &&
+                  grad_out.scalar_type() == at::kFloat &&
+                  lse.is_contiguous() &&
                   lse.numel() == q.size(0) * q.size(2) * q.size(1),
-              "bra_backward: grad_out/out must be (N, L, h, dv), lse (N, h, L)");
+              "bra_backward: grad_out must be float32 (N, L, h, dv) with a "
+              "unit last stride, lse (N, h, L)");
   TORCH_CHECK(dq.sizes() == q.sizes() && dk.sizes() == k.sizes() &&
                   dv.sizes() == v.sizes() && dq.stride(3) == 1 &&
                   dk.stride(3) == 1 && dv.stride(3) == 1 &&
@@ -780,8 +809,9 @@ void bra_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k,
   dk.zero_();  // accumulated in place
   dv.zero_();
   const GeomTables tables(W, nw, H / nw, W / nw);
-  const BraArgs a{view4(q), view4(k), view4(v), view4(out), view4(grad_out),
-                  view4(dq), view4(dk), view4(dv), nullptr,
+  const View4 none{nullptr, 0, 0, 0};
+  const BraArgs a{view4(q), view4(k), view4(v), none, view4(grad_out),
+                  view4(dq), view4(dk), view4(dv), nullptr, false,
                   lse.data_ptr<float>(),
                   idx.data_ptr<int64_t>(),
                   tables.geom(H, W, nw, idx.size(2)), L, nh, d,
@@ -822,7 +852,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gelu_grad", &gelu_grad,
         "GELU recomputed and its backward applied in place, one pass");
   m.def("bra_forward", &bra_forward,
-        "bi-level routing attention, token order (out, lse)");
+        "bi-level routing attention, token order (out, lse)", py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("idx"), py::arg("H"),
+        py::arg("W"), py::arg("nw"), py::arg("scale"), py::arg("need_lse"),
+        py::arg("add_to") = py::none());
   m.def("bra_backward", &bra_backward,
         "gradients of bra_forward, written into the given dq, dk, dv");
 }
