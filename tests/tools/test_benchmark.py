@@ -140,3 +140,26 @@ def test_ab_train_step_cli(tmp_path):
     # one patched step through every block's MLP backward (BiFormer-T:
     # depths 2, 2, 8, 2)
     assert len(out.read_text()) == 14
+
+
+def test_train_phases_cli():
+    """train_phases.py times forward, backward and optimizer of every
+    config's training step, the configs taking turns in one process."""
+    proc = subprocess.run(
+        [sys.executable,
+         osp.join(REPO, 'tools', 'analysis', 'train_phases.py'), TINY,
+         TINY + '@model.backbone.attn_backend=official', '--steps', '2',
+         '--warmup', '0', '--batch', '1', '--img-size', '112', '--threads',
+         '1'],
+        capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()
+            if line.startswith('{')]
+    assert [r['config'] for r in rows] == [
+        TINY, TINY + '@model.backbone.attn_backend=official']
+    for r in rows:
+        assert r['steps'] == 2 and r['batch'] == 1
+        assert all(r[f'{k}_ms'] > 0 for k in ('forward', 'backward',
+                                               'optimizer'))
+        # the median step is at least its largest phase's median
+        assert r['step_ms'] >= max(r['forward_ms'], r['backward_ms'])
