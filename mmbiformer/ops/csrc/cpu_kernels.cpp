@@ -380,14 +380,14 @@ MMB_INLINE void group_rows(const View4& x, int64_t n, int64_t hd,
                            const MapGeom& g, int64_t R, int64_t c_dim,
                            float* dst) {
   const int64_t tq = g.rh * g.rw, G = 16 / tq;
+  const float* src[8];  // tq <= 8 (key_groups)
   for (int64_t r = 0; r < R; ++r) {
     float* o = dst + r * c_dim * tq;
-    for (int64_t t = 0; t < tq; ++t) {
-      const float* src = x.at(n, g.token(r, t), hd);
-      for (int64_t u = 0; u < c_dim / G; ++u)
-        for (int64_t gg = 0; gg < G; ++gg)
-          o[u * 16 + gg * tq + t] = src[u * G + gg];
-    }
+    for (int64_t t = 0; t < tq; ++t) src[t] = x.at(n, g.token(r, t), hd);
+    // sequential writes, reads within the region's rows
+    for (int64_t u = 0; u < c_dim / G; ++u)
+      for (int64_t gg = 0; gg < G; ++gg)
+        for (int64_t t = 0; t < tq; ++t) *o++ = src[t][u * G + gg];
   }
 }
 
@@ -780,12 +780,14 @@ std::vector<torch::Tensor> bra_forward(torch::Tensor q, torch::Tensor k,
 }
 
 // Writes dq, dk (N, L, h, d) and dv (N, L, h, dv): views with a unit last
-// stride (e.g. slices of one qkv-shaped gradient), overwritten. Needs the
-// forward's lse, not its output.
+// stride (e.g. slices of one qkv-shaped gradient), overwritten; with
+// add_to_dv, dv holds a gradient (e.g. the LePE's) that the attention's is
+// added to. Needs the forward's lse, not its output.
 void bra_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k,
                   torch::Tensor v, torch::Tensor lse, torch::Tensor idx,
                   int64_t H, int64_t W, int64_t nw, double scale,
-                  torch::Tensor dq, torch::Tensor dk, torch::Tensor dv) {
+                  torch::Tensor dq, torch::Tensor dk, torch::Tensor dv,
+                  bool add_to_dv) {
   check_bra_inputs(q, k, v, idx, H, W, nw);
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == v.size(0) &&
                   grad_out.size(1) == v.size(1) &&
@@ -807,7 +809,7 @@ void bra_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k,
   const int64_t N = q.size(0), L = q.size(1), nh = q.size(2), d = q.size(3);
   const int64_t dvd = v.size(3), R = nw * nw;
   dk.zero_();  // accumulated in place
-  dv.zero_();
+  if (!add_to_dv) dv.zero_();
   const GeomTables tables(W, nw, H / nw, W / nw);
   const View4 none{nullptr, 0, 0, 0};
   const BraArgs a{view4(q), view4(k), view4(v), none, view4(grad_out),
@@ -857,5 +859,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("W"), py::arg("nw"), py::arg("scale"), py::arg("need_lse"),
         py::arg("add_to") = py::none());
   m.def("bra_backward", &bra_backward,
-        "gradients of bra_forward, written into the given dq, dk, dv");
+        "gradients of bra_forward, written into the given dq, dk, dv",
+        py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("lse"), py::arg("idx"), py::arg("H"), py::arg("W"),
+        py::arg("nw"), py::arg("scale"), py::arg("dq"), py::arg("dk"),
+        py::arg("dv"), py::arg("add_to_dv") = false);
 }
