@@ -10,7 +10,10 @@ the dense mode of the ``fused`` backend). The forward keeps only the
 per-query log-sum-exp (not the output: the backward takes ``dO . o`` as
 ``sum_j P_ij dP_ij`` from the probabilities it recomputes); the backward
 recomputes the attention per region and accumulates dK/dV per (batch,
-head). float32, head dims that are multiples of 16, ``S ==
+head). For regions of 2, 4 or 8 tokens the logits read a grouped copy of
+the keys; the forward keeps that copy in a buffer per calling thread (the
+size of ``k`` at the largest call so far), so that it is not allocated
+afresh at every call. float32, head dims that are multiples of 16, ``S ==
 R`` (self-attention over the same grid) and no key mask; elsewhere the callers
 use the ``fused`` backend.
 """
