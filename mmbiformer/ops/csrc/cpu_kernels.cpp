@@ -81,7 +81,9 @@ void dw_grad_row(const View4& x, const View4& g, float* acc, int64_t n,
 // Per (batch, query region, head) the kernels read the routed key/value rows
 // where they lie (through row pointers); for regions of more than 16 tokens
 // the logits read a transposed copy of the routed keys (amortised over the
-// region's query blocks), for smaller ones they are dot products of rows.
+// region's query blocks), for regions of 2, 4 or 8 tokens a grouped copy of
+// the keys of the (batch, head) (see RoutedKeys), for the others they are
+// dot products of rows. The backward needs lse, not the output.
 // The products run in 4-query x 16-lane register blocks (GCC vector
 // extensions), the exponentials in a vectorised exp (Cephes polynomial,
 // about 1 ulp).
