@@ -492,17 +492,17 @@ struct BraArgs {
   float scale;
 };
 
-// Regions of at most this many tokens whose size does not divide 16 take
-// the logits as dot products of rows (logits4_rows); larger ones amortise a
-// transposed copy of the routed keys over their query blocks (measured: 2x
-// faster at 4 tokens, 1.2x at 16, 0.9x at 64).
+// Regions of at most this many tokens without a grouped copy (key_groups)
+// take the logits as dot products of rows (logits4_rows); larger ones
+// amortise a transposed copy of the routed keys over their query blocks
+// (measured: 2x faster at 4 tokens, 1.2x at 16, 0.9x at 64).
 constexpr int64_t kRowsMaxTokens = 16;
 
 // The routed rows one query region reads as "keys" of its logits (k in
-// q k^T, or v in dO v^T): row pointers always, plus the grouped blocks of
-// the routed regions (regions of tq tokens, tq dividing 16; the caller
-// passes the grouped copy of the (batch, head)), else a transposed copy for
-// regions of more than kRowsMaxTokens tokens.
+// q k^T, or v in dO v^T): row pointers where they are read, plus the
+// grouped blocks of the routed regions (regions of 2, 4 or 8 tokens; the
+// caller passes the grouped copy of the (batch, head)), else a transposed
+// copy for regions of more than kRowsMaxTokens tokens.
 struct RoutedKeys {
   int64_t tq, G, c_dim, nk16;
   bool by_rows, need_rows;
@@ -743,9 +743,7 @@ std::vector<torch::Tensor> bra_forward(torch::Tensor q, torch::Tensor k,
   const int64_t N = q.size(0), L = q.size(1), nh = q.size(2), d = q.size(3);
   const int64_t dv = v.size(3), R = nw * nw;
   if (add_to)
-    TORCH_CHECK(add_to->dim() == 4 && add_to->size(0) == N &&
-                    add_to->size(1) == L && add_to->size(2) == nh &&
-                    add_to->size(3) == dv && add_to->stride(3) == 1 &&
+    TORCH_CHECK(add_to->sizes() == v.sizes() && add_to->stride(3) == 1 &&
                     add_to->scalar_type() == at::kFloat,
                 "bra_forward: add_to must be a float32 (N, L, h, dv) view "
                 "with a unit last stride");
@@ -791,10 +789,7 @@ void bra_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k,
                   torch::Tensor dq, torch::Tensor dk, torch::Tensor dv,
                   bool add_to_dv) {
   check_bra_inputs(q, k, v, idx, H, W, nw);
-  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == v.size(0) &&
-                  grad_out.size(1) == v.size(1) &&
-                  grad_out.size(2) == v.size(2) &&
-                  grad_out.size(3) == v.size(3) && grad_out.stride(3) == 1 &&
+  TORCH_CHECK(grad_out.sizes() == v.sizes() && grad_out.stride(3) == 1 &&
                   grad_out.scalar_type() == at::kFloat &&
                   lse.is_contiguous() &&
                   lse.numel() == q.size(0) * q.size(2) * q.size(1),
