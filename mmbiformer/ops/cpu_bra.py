@@ -105,7 +105,8 @@ class BRACpuLepeAttention(torch.autograd.Function):
     The forward computes the LePE first and the kernel adds the attention
     into that map: one output tensor, no separate sum. The backward writes
     dq, dk and dv (attention plus LePE) into one qkv-shaped gradient (the
-    LePE's dv first, the kernel adds the attention's): autograd then
+    kernel starts each dv row from the LePE's and adds the attention's):
+    autograd then
     neither sums the two dv nor concatenates the three gradients behind the
     split.
     """
@@ -151,15 +152,14 @@ class BRACpuLepeAttention(torch.autograd.Function):
             dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
             go = grad_out.view(grad_out.shape[0], h * w, heads,
                                grad_out.shape[-1] // heads)
-            # the LePE's dv first; the kernel adds the attention's to it
+            # the LePE's dv; the kernel writes it plus the attention's
             dv_lepe = depthwise_input_grad(grad_out.permute(0, 3, 1, 2),
-                                           weight)
-            dqkv[..., 2 * qk_dim:].copy_(dv_lepe.permute(0, 2, 3, 1))
-            del dv_lepe
+                                           weight).permute(0, 2, 3, 1)
             ctx.kernels.bra_backward(go, *_split_qkv(qkv, qk_dim, heads),
                                      lse, idx, h, w, nw, ctx.scale,
                                      *_split_qkv(dqkv, qk_dim, heads),
-                                     add_to_dv=True)
+                                     dv_base=dv_lepe.reshape(go.shape))
+            del dv_lepe
         if need_w:
             dw = ctx.kernels.dwconv_weight_grad(v, grad_out, weight.shape[-1])
         if need_b and ctx.has_bias:

@@ -237,13 +237,16 @@ class BiLevelRoutingAttention(nn.Module):
     def _route_token_order(self, qkv: Tensor, n: int, rh: int,
                            rw: int) -> Tuple[Tensor, Tensor]:
         """Routing from the channels-last ``qkv`` output: region means of
-        q and k in one average-pooling pass, then :func:`route`."""
+        q and k in one average-pooling pass, then :func:`route`.
+
+        The pass pools all of ``qkv`` (v's means are not used): pooling the
+        q | k slice alone would first copy that strided slice into a
+        contiguous map, which costs more than reading v's channels."""
         nw = self.n_win
         with torch.no_grad():
-            qk_win = F.avg_pool2d(
-                qkv[..., :2 * self.qk_dim].permute(0, 3, 1, 2),
-                (rh, rw)).permute(0, 2, 3, 1).reshape(n, nw * nw,
-                                                      2 * self.qk_dim)
+            pooled = F.avg_pool2d(qkv.permute(0, 3, 1, 2), (rh, rw))
+            qk_win = pooled.permute(0, 2, 3, 1)[..., :2 * self.qk_dim]
+            qk_win = qk_win.reshape(n, nw * nw, 2 * self.qk_dim)
             q_win, k_win = qk_win.split(self.qk_dim, dim=-1)
             return route(q_win, k_win, self.topk, self.scale)
 

@@ -120,8 +120,8 @@ def test_attention_with_lepe_op_matches_separate_ops(qkv_grad):
 def test_backward_kernel_overwrites_the_given_gradients():
     """dq, dk, dv views handed to the kernel may hold anything (they are
     fresh allocations): the kernel zeroes the dK/dV rows it accumulates
-    into, so NaN in them before the call leaves no trace; with add_to_dv
-    it adds to what dv holds."""
+    into, so NaN in them before the call leaves no trace; with dv_base,
+    dv is that gradient plus the attention's."""
     torch.manual_seed(1)
     n, h, w, heads, d, nw = 2, 8, 8, 2, 16, 2
     qkv = torch.randn(n, h, w, 3 * heads * d)
@@ -138,18 +138,23 @@ def test_backward_kernel_overwrites_the_given_gradients():
         grads.append(dqkv)
     assert torch.isfinite(grads[1]).all()
     assert torch.equal(grads[0], grads[1])
-    # add_to_dv: dv keeps what it holds (e.g. the LePE's gradient) and gets
-    # the attention's added; dq and dk are still overwritten
+    # dv_base (e.g. the LePE's gradient, here a strided view): dv is it
+    # plus the attention's dv; dq and dk are the same as without it
     dqkv = torch.full_like(qkv, float('nan'))
-    held = torch.randn_like(dqkv[..., 2 * heads * d:])
-    dqkv[..., 2 * heads * d:] = held
+    held = torch.randn(n, h, w, 3 * heads * d)[..., heads * d:2 * heads * d]
+    base = held.reshape(n, h * w, heads, d)
+    assert base.data_ptr() == held.data_ptr()  # a view, not a copy
     kernels.bra_backward(go, q, k, v, lse, idx, h, w, nw, 0.25,
                          *cpu_bra._split_qkv(dqkv, heads * d, heads),
-                         add_to_dv=True)
+                         dv_base=base)
     torch.testing.assert_close(dqkv[..., :2 * heads * d],
                                grads[0][..., :2 * heads * d], rtol=0, atol=0)
     torch.testing.assert_close(dqkv[..., 2 * heads * d:],
                                grads[0][..., 2 * heads * d:] + held)
+    with pytest.raises(RuntimeError, match='dv_base must be'):
+        kernels.bra_backward(go, q, k, v, lse, idx, h, w, nw, 0.25,
+                             *cpu_bra._split_qkv(dqkv, heads * d, heads),
+                             dv_base=base[:, 1:])
 
 
 @needs_kernels

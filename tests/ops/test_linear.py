@@ -34,8 +34,9 @@ def _run(layer, x, g):
 
 
 @needs_dnn
-@pytest.mark.parametrize('shape', [(2, 40, 30), (2, 7, 7), (300, )],
-                         ids=['long', 'short', '2d'])
+@pytest.mark.parametrize('shape', [(2, 40, 30), (2, 7, 7), (1, 5, 7),
+                                   (300, )],
+                         ids=['long', 'short', 'fewer-rows-than-in', '2d'])
 @pytest.mark.parametrize('bias', [True, False])
 @pytest.mark.parametrize('layout', ['contiguous', 'permuted'])
 @pytest.mark.parametrize('cout', [96, 40], ids=['widens', 'narrows'])

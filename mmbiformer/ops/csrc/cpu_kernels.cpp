@@ -483,6 +483,7 @@ void check_bra_inputs(const torch::Tensor& q, const torch::Tensor& k,
 // Everything one call needs; forward leaves the gradient fields empty.
 struct BraArgs {
   View4 q, k, v, out, grad_out, dq, dk, dv;
+  View4 dv_base;    // backward: dv starts from this gradient (p null: zero)
   const float* kg;  // forward: grouped copy of k (see RoutedKeys), or null
   bool add_out;     // forward: add the attention to what `out` holds
   float* lse;
@@ -616,6 +617,17 @@ void bra_backward_items(const BraArgs& a, int64_t i0, int64_t i1) {
   const float ones[QB] = {1.f, 1.f, 1.f, 1.f};
   for (int64_t item = i0; item < i1; ++item) {
     const int64_t hd = item % nh, n = item / nh;
+    // the item's dK/dV rows, accumulated in place below: dK from zero, dV
+    // from dv_base where given (written here, while the rows are this
+    // thread's, rather than in a separate strided pass over the map)
+    for (int64_t l = 0; l < a.L; ++l) {
+      std::fill_n(a.dk.at(n, l, hd), d, 0.f);
+      float* dvr = a.dv.at(n, l, hd);
+      if (a.dv_base.p)
+        std::copy_n(a.dv_base.at(n, l, hd), dvd, dvr);
+      else
+        std::fill_n(dvr, dvd, 0.f);
+    }
     if (keys.G) {
       group_rows(a.k, n, hd, g, R, d, kg.data());
       group_rows(a.v, n, hd, g, R, dvd, vg.data());
@@ -768,7 +780,7 @@ std::vector<torch::Tensor> bra_forward(torch::Tensor q, torch::Tensor k,
     kg = dst;
   }
   const BraArgs a{view4(q), view4(k), view4(v), view4(out), none, none, none,
-                  none, kg, add_to.has_value(),
+                  none, none, kg, add_to.has_value(),
                   need_lse ? lse.data_ptr<float>() : nullptr,
                   idx.data_ptr<int64_t>(),
                   geom, L, nh, d,
@@ -781,13 +793,14 @@ std::vector<torch::Tensor> bra_forward(torch::Tensor q, torch::Tensor k,
 
 // Writes dq, dk (N, L, h, d) and dv (N, L, h, dv): views with a unit last
 // stride (e.g. slices of one qkv-shaped gradient), overwritten; with
-// add_to_dv, dv holds a gradient (e.g. the LePE's) that the attention's is
-// added to. Needs the forward's lse, not its output.
+// dv_base (a view shaped like v), dv = dv_base + the attention's dv (e.g.
+// the LePE's gradient plus the attention's). Needs the forward's lse, not
+// its output.
 void bra_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k,
                   torch::Tensor v, torch::Tensor lse, torch::Tensor idx,
                   int64_t H, int64_t W, int64_t nw, double scale,
                   torch::Tensor dq, torch::Tensor dk, torch::Tensor dv,
-                  bool add_to_dv) {
+                  std::optional<torch::Tensor> dv_base) {
   check_bra_inputs(q, k, v, idx, H, W, nw);
   TORCH_CHECK(grad_out.sizes() == v.sizes() && grad_out.stride(3) == 1 &&
                   grad_out.scalar_type() == at::kFloat &&
@@ -805,12 +818,16 @@ void bra_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k,
               "k, v with a unit last stride");
   const int64_t N = q.size(0), L = q.size(1), nh = q.size(2), d = q.size(3);
   const int64_t dvd = v.size(3), R = nw * nw;
-  dk.zero_();  // accumulated in place
-  if (!add_to_dv) dv.zero_();
-  const GeomTables tables(W, nw, H / nw, W / nw);
+  if (dv_base)
+    TORCH_CHECK(dv_base->sizes() == v.sizes() && dv_base->stride(3) == 1 &&
+                    dv_base->scalar_type() == at::kFloat,
+                "bra_backward: dv_base must be a float32 (N, L, h, dv) view "
+                "with a unit last stride");
   const View4 none{nullptr, 0, 0, 0};
+  const GeomTables tables(W, nw, H / nw, W / nw);
   const BraArgs a{view4(q), view4(k), view4(v), none, view4(grad_out),
-                  view4(dq), view4(dk), view4(dv), nullptr, false,
+                  view4(dq), view4(dk), view4(dv),
+                  dv_base ? view4(*dv_base) : none, nullptr, false,
                   lse.data_ptr<float>(),
                   idx.data_ptr<int64_t>(),
                   tables.geom(H, W, nw, idx.size(2)), L, nh, d,
@@ -860,5 +877,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("lse"), py::arg("idx"), py::arg("H"), py::arg("W"),
         py::arg("nw"), py::arg("scale"), py::arg("dq"), py::arg("dk"),
-        py::arg("dv"), py::arg("add_to_dv") = false);
+        py::arg("dv"), py::arg("dv_base") = py::none());
 }
