@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..ops.dwconv import DepthwiseConv2d
 from ..ops.linear import Linear, gelu_mlp
+from ..ops.norm import add_norm
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -190,9 +191,18 @@ class BiFormerBlock(nn.Module):
         if self.pos_embed is not None:
             x = self.pos_embed.forward_residual(x)  # x + pos_embed(x)
         x = x.permute(0, 2, 3, 1)
-        x = self._add_branch(x, self.attn(self.norm1(x)))
-        x = self._add_branch(x, self._mlp(self.norm2(x)))
+        # x + drop_path(attn(...)) and norm2 of it (one op in CPU training)
+        x, h = add_norm(x, self.attn(self.norm1(x)), self.norm2,
+                        self._drop_scale(x))
+        x = self._add_branch(x, self._mlp(h))
         return x.permute(0, 3, 1, 2)
+
+    def _drop_scale(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        # the attention branch's drop-path factors, None without drop path
+        dp = self.drop_path
+        if isinstance(dp, DropPath) and dp.training and dp.drop_prob > 0:
+            return dp.sample_scale(x)
+        return None
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         # self.mlp(x); on the CPU one op in training, the GELU fused into

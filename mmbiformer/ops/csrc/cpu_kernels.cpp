@@ -722,6 +722,80 @@ void gelu_grad_range(const float* h, float* dz, float* g, int64_t i0,
   }
 }
 
+// ---------------------------------------------------------------------------
+// Residual add + LayerNorm over the channels of (rows, C) maps, C a
+// multiple of 16, for the op of mmbiformer/ops/norm.py:
+//   z = x + s y  (s: the row's sample factor, or 1),
+//   out = (z - mean) * rstd * w + b,  rstd = 1 / sqrt(var + eps).
+// The backward takes the gradients of z (gz, from its other consumers) and
+// of out (gn) and writes dz = gz + the LayerNorm's input gradient in one
+// pass; dy = s dz where asked; dw, db accumulate per thread.
+
+MMB_CLONES
+void add_norm_rows(const float* x, const float* y, const float* s,
+                   int64_t rows_per_sample, const float* w, const float* b,
+                   float eps, float* z, float* out, float* mean, float* rstd,
+                   int64_t C, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float sc = s ? s[r / rows_per_sample] : 1.f;
+    const float *xr = x + r * C, *yr = y + r * C;
+    float* zr = z + r * C;
+    v16 acc{};
+    for (int64_t c = 0; c < C; c += 16) {
+      const v16 zv = load16(xr + c) + load16(yr + c) * sc;
+      store16(zr + c, zv);
+      acc += zv;
+    }
+    const float m = hsum(acc) / static_cast<float>(C);
+    v16 acc2{};
+    for (int64_t c = 0; c < C; c += 16) {
+      const v16 dv = load16(zr + c) - m;
+      acc2 += dv * dv;
+    }
+    const float rs =
+        1.f / std::sqrt(hsum(acc2) / static_cast<float>(C) + eps);
+    float* outr = out + r * C;
+    for (int64_t c = 0; c < C; c += 16)
+      store16(outr + c,
+              (load16(zr + c) - m) * rs * load16(w + c) + load16(b + c));
+    mean[r] = m;
+    rstd[r] = rs;
+  }
+}
+
+MMB_CLONES
+void add_norm_grad_rows(const float* gz, const float* gn, const float* z,
+                        const float* mean, const float* rstd, const float* w,
+                        const float* s, int64_t rows_per_sample, float* dz,
+                        float* dy, float* dw, float* db, int64_t C,
+                        int64_t r0, int64_t r1) {
+  const float inv_c = 1.f / static_cast<float>(C);
+  for (int64_t r = r0; r < r1; ++r) {
+    const float m = mean[r], rs = rstd[r];
+    const float *zr = z + r * C, *gr = gn + r * C;
+    v16 a{}, bsum{};
+    for (int64_t c = 0; c < C; c += 16) {
+      const v16 zh = (load16(zr + c) - m) * rs;
+      const v16 g = load16(gr + c);
+      const v16 gw = g * load16(w + c);
+      a += gw;
+      bsum += gw * zh;
+      store16(dw + c, load16(dw + c) + g * zh);
+      store16(db + c, load16(db + c) + g);
+    }
+    const float A = hsum(a) * inv_c, B = hsum(bsum) * inv_c;
+    const float sc = s ? s[r / rows_per_sample] : 1.f;
+    float* dzr = dz + r * C;
+    for (int64_t c = 0; c < C; c += 16) {
+      const v16 zh = (load16(zr + c) - m) * rs;
+      v16 d = (load16(gr + c) * load16(w + c) - A - zh * B) * rs;
+      if (gz) d += load16(gz + r * C + c);
+      store16(dzr + c, d);
+      if (dy) store16(dy + r * C + c, d * sc);
+    }
+  }
+}
+
 }  // namespace
 
 // h, dz: contiguous float32 of one shape; dz becomes dz * gelu'(h) in
@@ -740,6 +814,77 @@ torch::Tensor gelu_grad(torch::Tensor h, torch::Tensor dz) {
     gelu_grad_range(hp, dp, gp, i0, i1);
   });
   return g;
+}
+
+// x, y: contiguous float32 (N, ..., C) of one shape, C a multiple of 16;
+// scale: None or (N,) per-sample factors of y; w, b: (C,).
+// -> z = x + scale y, out = layer_norm(z), mean and rstd (rows,)
+std::vector<torch::Tensor> add_layer_norm(torch::Tensor x, torch::Tensor y,
+                                          std::optional<torch::Tensor> scale,
+                                          torch::Tensor w, torch::Tensor b,
+                                          double eps) {
+  const int64_t C = x.size(-1);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat
+                  && x.is_contiguous() && y.is_contiguous() &&
+                  x.sizes() == y.sizes() && C % 16 == 0 && x.dim() >= 2,
+              "add_layer_norm: x and y must be contiguous float32 tensors of "
+              "one shape (N, ..., C), C a multiple of 16");
+  TORCH_CHECK(w.is_contiguous() && b.is_contiguous() && w.numel() == C &&
+                  b.numel() == C && w.scalar_type() == at::kFloat &&
+                  b.scalar_type() == at::kFloat,
+              "add_layer_norm: weight and bias must be contiguous float32 (C,)");
+  const int64_t rows = x.numel() / C, N = x.size(0);
+  if (scale)
+    TORCH_CHECK(scale->is_contiguous() && scale->numel() == N &&
+                    scale->scalar_type() == at::kFloat,
+                "add_layer_norm: scale must be a contiguous float32 (N,)");
+  auto z = torch::empty_like(x), out = torch::empty_like(x);
+  auto mean = torch::empty({rows}, x.options());
+  auto rstd = torch::empty({rows}, x.options());
+  const int64_t per = N ? rows / N : 1;
+  const float* sp = scale ? scale->data_ptr<float>() : nullptr;
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    add_norm_rows(x.data_ptr<float>(), y.data_ptr<float>(), sp, per,
+                  w.data_ptr<float>(), b.data_ptr<float>(),
+                  static_cast<float>(eps), z.data_ptr<float>(),
+                  out.data_ptr<float>(), mean.data_ptr<float>(),
+                  rstd.data_ptr<float>(), C, r0, r1);
+  });
+  return {z, out, mean, rstd};
+}
+
+// Gradients of add_layer_norm from gz (of z; None: zero) and gn (of out):
+// -> dz (also the gradient of x), dy = scale dz (empty unless need_dy),
+// dw, db
+std::vector<torch::Tensor> add_layer_norm_backward(
+    std::optional<torch::Tensor> gz, torch::Tensor gn, torch::Tensor z,
+    torch::Tensor mean, torch::Tensor rstd, torch::Tensor w,
+    std::optional<torch::Tensor> scale, bool need_dy) {
+  const int64_t C = z.size(-1), rows = z.numel() / C, N = z.size(0);
+  TORCH_CHECK(gn.is_contiguous() && gn.sizes() == z.sizes() &&
+                  gn.scalar_type() == at::kFloat &&
+                  (!gz || (gz->is_contiguous() && gz->sizes() == z.sizes() &&
+                           gz->scalar_type() == at::kFloat)),
+              "add_layer_norm_backward: gz and gn must be contiguous float32 "
+              "tensors shaped like z");
+  auto dz = torch::empty_like(z);
+  auto dy = need_dy ? torch::empty_like(z) : torch::empty({0}, z.options());
+  const int nt = at::get_num_threads();
+  auto partial = torch::zeros({nt, 2, C}, z.options());
+  const int64_t per = N ? rows / N : 1;
+  const float* sp = scale ? scale->data_ptr<float>() : nullptr;
+  const float* gzp = gz ? gz->data_ptr<float>() : nullptr;
+  float* pp = partial.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    float* acc = pp + at::get_thread_num() * 2 * C;
+    add_norm_grad_rows(gzp, gn.data_ptr<float>(), z.data_ptr<float>(),
+                       mean.data_ptr<float>(), rstd.data_ptr<float>(),
+                       w.data_ptr<float>(), sp, per, dz.data_ptr<float>(),
+                       need_dy ? dy.data_ptr<float>() : nullptr, acc,
+                       acc + C, C, r0, r1);
+  });
+  auto sums = partial.sum(0);
+  return {dz, dy, sums[0], sums[1]};
 }
 
 // -> out (N, L, h, dv), lse (N, h, L) float32. Without add_to, out is a
@@ -865,6 +1010,15 @@ torch::Tensor dwconv_weight_grad(torch::Tensor x, torch::Tensor g,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dwconv_weight_grad", &dwconv_weight_grad,
         "weight gradient of a stride-1 'same' depthwise conv (NHWC)");
+  m.def("add_layer_norm", &add_layer_norm,
+        "z = x + scale * y and layer_norm(z) in one pass (z, out, mean, rstd)",
+        py::arg("x"), py::arg("y"), py::arg("scale"), py::arg("weight"),
+        py::arg("bias"), py::arg("eps"));
+  m.def("add_layer_norm_backward", &add_layer_norm_backward,
+        "gradients of add_layer_norm (dz, dy, dweight, dbias)",
+        py::arg("gz"), py::arg("gn"), py::arg("z"), py::arg("mean"),
+        py::arg("rstd"), py::arg("weight"), py::arg("scale"),
+        py::arg("need_dy"));
   m.def("gelu_grad", &gelu_grad,
         "GELU recomputed and its backward applied in place, one pass");
   m.def("bra_forward", &bra_forward,
