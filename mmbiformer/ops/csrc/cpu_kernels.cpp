@@ -198,9 +198,33 @@ MMB_INLINE v16 tree_sum(v16* x) {
 // s_i[j] = scale * q_i . rows[j], j < nk16 (rows: nk16 pointers, the
 // padding ones to zeros): dot products of rows, for small regions, where a
 // transposed copy of the keys would serve a single query block
+// NV 16-lane vectors per row (d = 16 * NV): the products unrolled, so the
+// 16 partial sums of a query stay in registers up to the tree
+template <int NV>
+MMB_INLINE void logits4_rows_fixed(const float* const* q,
+                                   const float* const* rows, float* const* s,
+                                   int64_t nk16, float scale) {
+  for (int64_t jb = 0; jb < nk16; jb += 16) {
+    for (int i = 0; i < QB; ++i) {
+      v16 qv[NV];
+      for (int v = 0; v < NV; ++v) qv[v] = load16(q[i] + 16 * v);
+      v16 acc[16];
+      for (int j = 0; j < 16; ++j) {
+        const float* kr = rows[jb + j];
+        v16 a = qv[0] * load16(kr);
+        for (int v = 1; v < NV; ++v) a += qv[v] * load16(kr + 16 * v);
+        acc[j] = a;
+      }
+      store16(s[i] + jb, tree_sum<16>(acc) * scale);
+    }
+  }
+}
+
 MMB_INLINE void logits4_rows(const float* const* q, const float* const* rows,
                              float* const* s, int64_t d, int64_t nk16,
                              float scale) {
+  if (d == 32) return logits4_rows_fixed<2>(q, rows, s, nk16, scale);
+  if (d == 16) return logits4_rows_fixed<1>(q, rows, s, nk16, scale);
   for (int64_t jb = 0; jb < nk16; jb += 16) {
     for (int i = 0; i < QB; ++i) {
       v16 acc[16];
@@ -337,18 +361,45 @@ struct GeomTables {
   }
 };
 
-// Transposed copy (c_dim, nk16) of nk16 rows (the padding ones zeros),
-// written row by row of the copy: the reads stay within the rows' few cache
-// lines while the writes are sequential (writing it column by column, the
-// writes strided by nk16 floats, took about 1.7 of the 6.8 ms of the
-// attention forward at BiFormer-S's first stage, batch 8; this way about
-// 0.3 ms).
+// One level of transpose16: swaps the off-diagonal sub-blocks of width B
+// between the rows i and i + B ((i & B) == 0); lo / hi pick, per lane, from
+// the pair's two rows (lane index + 16: the second one).
+template <int B>
+MMB_INLINE void swap_blocks(v16* r, i16 lo, i16 hi) {
+  for (int i = 0; i < 16; ++i) {
+    if (i & B) continue;
+    const v16 x = r[i], y = r[i + B];
+    r[i] = __builtin_shuffle(x, y, lo);
+    r[i + B] = __builtin_shuffle(x, y, hi);
+  }
+}
+
+// Transposes the 16 x 16 block held in r (r[j][c] -> r[c][j]) in four
+// levels of two-source lane shuffles (sub-block widths 8, 4, 2, 1).
+MMB_INLINE void transpose16(v16* r) {
+  swap_blocks<8>(r, i16{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+                 i16{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+  swap_blocks<4>(r, i16{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+                 i16{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
+  swap_blocks<2>(r, i16{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+                 i16{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
+  swap_blocks<1>(r, i16{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
+                 i16{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
+}
+
+// Transposed copy (c_dim, nk16) of nk16 rows (the padding ones zeros), c_dim
+// a multiple of 16: 16 x 16 blocks transposed in registers, each output row
+// written 16 floats at a time (element by element, the copy took about a
+// tenth of the attention backward at BiFormer-S's first stage).
 MMB_INLINE void transpose_rows(const float* const* rows, int64_t c_dim,
                                int64_t nk16, float* tr) {
-  for (int64_t c = 0; c < c_dim; ++c) {
-    float* o = tr + c * nk16;
-    for (int64_t j = 0; j < nk16; ++j) o[j] = rows[j][c];
-  }
+  v16 r[16];
+  for (int64_t jb = 0; jb < nk16; jb += 16)
+    for (int64_t cb = 0; cb < c_dim; cb += 16) {
+      for (int j = 0; j < 16; ++j) r[j] = load16(rows[jb + j] + cb);
+      transpose16(r);
+      for (int c = 0; c < 16; ++c) store16(tr + (cb + c) * nk16 + jb, r[c]);
+    }
 }
 
 // Pointers to the routed rows of one (batch, head) of a (N, L, h, c) view
@@ -378,18 +429,43 @@ MMB_INLINE int64_t key_groups(int64_t tq) {
 }
 
 // The grouped copy of one (batch, head) of x: R blocks of c_dim * tq floats.
+// Per 16 channels of a region, its TQ token rows (16 lanes each) become TQ
+// vectors: vector k, lane l = gg * TQ + t holds channel k * G + gg of token
+// t, i.e. lane l of token t's row shuffled by k * G + l / TQ, blended over t.
+template <int TQ>
+MMB_INLINE void group_rows_tq(const View4& x, int64_t n, int64_t hd,
+                              const MapGeom& g, int64_t R, int64_t c_dim,
+                              float* dst) {
+  constexpr int G = 16 / TQ;
+  i16 perm[TQ], tok;
+  for (int l = 0; l < 16; ++l) tok[l] = l % TQ;
+  for (int k = 0; k < TQ; ++k)
+    for (int l = 0; l < 16; ++l) perm[k][l] = k * G + l / TQ;
+  const float* src[TQ];
+  for (int64_t r = 0; r < R; ++r) {
+    float* o = dst + r * c_dim * TQ;
+    for (int t = 0; t < TQ; ++t) src[t] = x.at(n, g.token(r, t), hd);
+    for (int64_t cb = 0; cb < c_dim; cb += 16) {
+      v16 rows[TQ];
+      for (int t = 0; t < TQ; ++t) rows[t] = load16(src[t] + cb);
+      for (int k = 0; k < TQ; ++k) {
+        v16 out = __builtin_shuffle(rows[0], perm[k]);
+        for (int t = 1; t < TQ; ++t)
+          out = tok == t ? __builtin_shuffle(rows[t], perm[k]) : out;
+        store16(o, out);
+        o += 16;
+      }
+    }
+  }
+}
+
 MMB_INLINE void group_rows(const View4& x, int64_t n, int64_t hd,
                            const MapGeom& g, int64_t R, int64_t c_dim,
                            float* dst) {
-  const int64_t tq = g.rh * g.rw, G = 16 / tq;
-  const float* src[8];  // tq <= 8 (key_groups)
-  for (int64_t r = 0; r < R; ++r) {
-    float* o = dst + r * c_dim * tq;
-    for (int64_t t = 0; t < tq; ++t) src[t] = x.at(n, g.token(r, t), hd);
-    // sequential writes, reads within the region's rows
-    for (int64_t u = 0; u < c_dim / G; ++u)
-      for (int64_t gg = 0; gg < G; ++gg)
-        for (int64_t t = 0; t < tq; ++t) *o++ = src[t][u * G + gg];
+  switch (g.rh * g.rw) {  // key_groups: 2, 4 or 8 tokens
+    case 2: return group_rows_tq<2>(x, n, hd, g, R, c_dim, dst);
+    case 4: return group_rows_tq<4>(x, n, hd, g, R, c_dim, dst);
+    default: return group_rows_tq<8>(x, n, hd, g, R, c_dim, dst);
   }
 }
 
