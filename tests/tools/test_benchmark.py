@@ -142,6 +142,28 @@ def test_ab_train_step_cli(tmp_path):
     assert len(out.read_text()) == 14
 
 
+def test_ab_train_step_returning_a_constant(tmp_path):
+    """--returning: the patched variant uses a function that returns the
+    constant (here: no drop-path subsets, whole-batch branches); a missing
+    --replacement / --returning is refused."""
+    script = osp.join(REPO, 'tools', 'analysis', 'ab_train_step.py')
+    proc = subprocess.run(
+        [sys.executable, script, TINY, '--target',
+         'mmbiformer.models.layers:kept_samples', '--returning', 'None',
+         '--pairs', '1', '--warmup', '0', '--batch', '1', '--threads', '1'],
+        capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(proc.stdout.splitlines()[-1])
+    assert row['replacement'] == 'returning None'
+    assert row['median_ms_patched'] > 0
+    proc = subprocess.run(
+        [sys.executable, script, TINY, '--target',
+         'mmbiformer.models.layers:kept_samples'],
+        capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 2
+    assert 'one of the arguments --replacement --returning' in proc.stderr
+
+
 def test_train_phases_cli():
     """train_phases.py times forward, backward and optimizer of every
     config's training step, the configs taking turns in one process."""

@@ -17,12 +17,19 @@ docs/benchmarks.md)::
         --target mmbiformer.ops.linear:gelu_and_grad_ \\
         --replacement mmbiformer.ops.linear:gelu_and_grad_torch_ \\
         --pairs 15 --threads 2
+
+With ``--returning None`` (or ``False``, ``True``) the patched variant
+uses a function that returns that constant: e.g. the drop-path subsets
+against whole-batch branches, ``--target
+mmbiformer.models.layers:kept_samples --returning None``.
 """
 import argparse
 import importlib
 import json
 import statistics
 import time
+
+CONSTANTS = {'None': None, 'False': False, 'True': True}
 
 
 def _resolve(name: str):
@@ -37,8 +44,13 @@ def main(argv=None) -> None:
     p.add_argument('config')
     p.add_argument('--target', required=True, metavar='MODULE:ATTR',
                    help='the object the patched variant replaces')
-    p.add_argument('--replacement', required=True, metavar='MODULE:ATTR',
-                   help='what the patched variant uses instead')
+    instead = p.add_mutually_exclusive_group(required=True)
+    instead.add_argument('--replacement', metavar='MODULE:ATTR',
+                         help='what the patched variant uses instead')
+    instead.add_argument('--returning', choices=sorted(CONSTANTS),
+                         help='the patched variant uses a function that '
+                         'returns this constant, whatever its arguments '
+                         '(e.g. a switch that picks a code path)')
     p.add_argument('--pairs', type=int, default=10)
     p.add_argument('--batch', type=int, default=8)
     p.add_argument('--img-size', type=int, default=224)
@@ -53,9 +65,15 @@ def main(argv=None) -> None:
 
     from mmbiformer.analysis.benchmark import _build, _synthetic_batch
     t_mod, t_attr = _resolve(args.target)
-    r_mod, r_attr = _resolve(args.replacement)
     original = getattr(t_mod, t_attr)
-    patched = getattr(r_mod, r_attr)
+    if args.replacement:
+        r_mod, r_attr = _resolve(args.replacement)
+        patched = getattr(r_mod, r_attr)
+    else:
+        value = CONSTANTS[args.returning]
+
+        def patched(*_args, **_kwargs):
+            return value
 
     scope, model = _build(args.config, {})
     model.train()
@@ -76,7 +94,8 @@ def main(argv=None) -> None:
     diffs = [a - b for a, b in zip(times['as is'], times['patched'])]
     print(json.dumps({
         'config': args.config, 'target': args.target,
-        'replacement': args.replacement, 'pairs': args.pairs,
+        'replacement': args.replacement or f'returning {args.returning}',
+        'pairs': args.pairs,
         'median_ms_as_is': round(statistics.median(times['as is']) * 1e3),
         'median_ms_patched': round(statistics.median(times['patched']) *
                                    1e3),
