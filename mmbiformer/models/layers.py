@@ -232,9 +232,10 @@ class BiFormerBlock(nn.Module):
     def _add_kept(self, x: torch.Tensor, kept: torch.Tensor, branch,
                   inp: torch.Tensor) -> torch.Tensor:
         """``x + drop_path(branch(inp))`` with the branch run only for the
-        ``kept`` samples (the dropped ones would add zeros)."""
-        if not kept.numel():
-            return x
+        ``kept`` samples (the dropped ones would add zeros). With every
+        sample dropped it runs on an empty batch: its parameters still get
+        (zero) gradients, as distributed data parallel training expects of
+        every parameter in every step."""
         return torch.index_add(x, 0, kept, branch(inp[kept]),
                                alpha=1. / (1. - self.drop_path.drop_prob))
 

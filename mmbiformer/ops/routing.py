@@ -95,10 +95,10 @@ class RegionGraph:
         the routed key blocks of query regions ``start:end`` for every head.
         """
         idx = self.topk_index[:, start:end]
-        b, r, _ = idx.shape
+        b, r, k = idx.shape
         s = self.num_kv_regions
         base = torch.arange(b * heads, device=idx.device).view(b, heads, 1, 1)
-        return base * s + idx.view(b, 1, r, -1)
+        return base * s + idx.view(b, 1, r, k)  # (k, not -1: b may be 0)
 
 
 def region_mean(x: Tensor, token_mask: Optional[Tensor] = None) -> Tensor:

@@ -127,7 +127,9 @@ def test_ab_train_step_cli(tmp_path):
         '    return lin.gelu_and_grad_torch_(h, grad)\n')
     proc = subprocess.run(
         [sys.executable,
-         osp.join(REPO, 'tools', 'analysis', 'ab_train_step.py'), TINY,
+         osp.join(REPO, 'tools', 'analysis', 'ab_train_step.py'),
+         # no drop path: every block's MLP runs in every step
+         TINY + '@model.backbone.drop_path_rate=0.0',
          '--target', 'mmbiformer.ops.linear:gelu_and_grad_',
          '--replacement', 'ab_probe:patched', '--pairs', '1', '--warmup',
          '0', '--batch', '1', '--threads', '1'],

@@ -41,7 +41,8 @@ def _resolve(name: str):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('config')
+    p.add_argument('config', help='config file (or mmpretrain:: name), '
+                   'optionally followed by @key=value,...')
     p.add_argument('--target', required=True, metavar='MODULE:ATTR',
                    help='the object the patched variant replaces')
     instead = p.add_mutually_exclusive_group(required=True)
@@ -63,7 +64,11 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     from mmengine.optim import OptimWrapper
 
-    from mmbiformer.analysis.benchmark import _build, _synthetic_batch
+    from mmbiformer.analysis.benchmark import (
+        _build,
+        _synthetic_batch,
+        parse_target,
+    )
     t_mod, t_attr = _resolve(args.target)
     original = getattr(t_mod, t_attr)
     if args.replacement:
@@ -75,7 +80,7 @@ def main(argv=None) -> None:
         def patched(*_args, **_kwargs):
             return value
 
-    scope, model = _build(args.config, {})
+    scope, model = _build(*parse_target(args.config))
     model.train()
     data = _synthetic_batch(scope, args.batch, args.img_size, 1000)
     optim = OptimWrapper(torch.optim.AdamW(model.parameters(), lr=1e-4))
