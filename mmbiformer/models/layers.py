@@ -202,8 +202,8 @@ class BiFormerBlock(nn.Module):
         if self.pos_embed is not None:
             x = self.pos_embed.forward_residual(x)  # x + pos_embed(x)
         x = x.permute(0, 2, 3, 1)
-        # attention branch; its residual add and norm2 as one op in CPU
-        # training
+        # attention branch, then norm2 of the sum (with the add, one op in
+        # CPU training where the branch runs for the whole batch)
         scale = self._drop_scale(x)
         kept = kept_samples(scale)
         if kept is None:

@@ -106,9 +106,8 @@ class BRACpuLepeAttention(torch.autograd.Function):
     into that map: one output tensor, no separate sum. The backward writes
     dq, dk and dv (attention plus LePE) into one qkv-shaped gradient (the
     kernel starts each dv row from the LePE's and adds the attention's):
-    autograd then
-    neither sums the two dv nor concatenates the three gradients behind the
-    split.
+    autograd then neither sums the two dv nor concatenates the three
+    gradients behind the split.
     """
 
     @staticmethod

@@ -195,11 +195,9 @@ MMB_INLINE v16 tree_sum(v16* x) {
   return x[0];
 }
 
-// s_i[j] = scale * q_i . rows[j], j < nk16 (rows: nk16 pointers, the
-// padding ones to zeros): dot products of rows, for small regions, where a
-// transposed copy of the keys would serve a single query block
-// NV 16-lane vectors per row (d = 16 * NV): the products unrolled, so the
-// 16 partial sums of a query stay in registers up to the tree
+// logits4_rows for rows of NV 16-lane vectors (d = 16 * NV): the products
+// unrolled, so a query's 16 partial sums stay in registers up to the tree
+// (with d a run-time loop bound they were spilled to the stack)
 template <int NV>
 MMB_INLINE void logits4_rows_fixed(const float* const* q,
                                    const float* const* rows, float* const* s,
@@ -220,6 +218,9 @@ MMB_INLINE void logits4_rows_fixed(const float* const* q,
   }
 }
 
+// s_i[j] = scale * q_i . rows[j], j < nk16 (rows: nk16 pointers, the
+// padding ones to zeros): dot products of rows, for small regions, where a
+// transposed copy of the keys would serve a single query block
 MMB_INLINE void logits4_rows(const float* const* q, const float* const* rows,
                              float* const* s, int64_t d, int64_t nk16,
                              float scale) {
@@ -902,9 +903,10 @@ std::vector<torch::Tensor> add_layer_norm(torch::Tensor x, torch::Tensor y,
   const int64_t C = x.size(-1);
   TORCH_CHECK(x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat
                   && x.is_contiguous() && y.is_contiguous() &&
-                  x.sizes() == y.sizes() && C % 16 == 0 && x.dim() >= 2,
+                  x.sizes() == y.sizes() && x.dim() >= 2 && C > 0 &&
+                  C % 16 == 0,
               "add_layer_norm: x and y must be contiguous float32 tensors of "
-              "one shape (N, ..., C), C a multiple of 16");
+              "one shape (N, ..., C), C a positive multiple of 16");
   TORCH_CHECK(w.is_contiguous() && b.is_contiguous() && w.numel() == C &&
                   b.numel() == C && w.scalar_type() == at::kFloat &&
                   b.scalar_type() == at::kFloat,
@@ -943,6 +945,11 @@ std::vector<torch::Tensor> add_layer_norm_backward(
                            gz->scalar_type() == at::kFloat)),
               "add_layer_norm_backward: gz and gn must be contiguous float32 "
               "tensors shaped like z");
+  TORCH_CHECK(C > 0 && C % 16 == 0 && z.is_contiguous() &&
+                  mean.numel() == rows && rstd.numel() == rows &&
+                  w.numel() == C && (!scale || scale->numel() == N),
+              "add_layer_norm_backward: z, mean, rstd, weight and scale must "
+              "be those of add_layer_norm");
   auto dz = torch::empty_like(z);
   auto dy = need_dy ? torch::empty_like(z) : torch::empty({0}, z.options());
   const int nt = at::get_num_threads();
