@@ -177,6 +177,27 @@ def _synthetic_batch(scope: str, batch: int, size: int, num_classes: int):
     return dict(inputs=inputs)
 
 
+def _num_classes(model) -> int:
+    head = getattr(model, 'head', None)
+    if head is not None and hasattr(head, 'num_classes'):
+        return head.num_classes
+    return 1000
+
+
+def training_setup(target: str, batch: int, img_size: int):
+    """``(scope, model, data, optim)`` for the training step of the
+    one-process analysis tools (``ab_train_step.py``, ``train_phases.py``):
+    the model of ``target`` (``config[@key=value,...]``) in train mode, a
+    synthetic batch and torch's default AdamW, as :func:`run_benchmark`
+    trains in float32 on the CPU."""
+    from mmengine.optim import OptimWrapper
+    scope, model = _build(*parse_target(target))
+    model.train()
+    data = _synthetic_batch(scope, batch, img_size, _num_classes(model))
+    optim = OptimWrapper(torch.optim.AdamW(model.parameters(), lr=1e-4))
+    return scope, model, data, optim
+
+
 def run_benchmark(target: str,
                   mode: str = 'train',
                   batch: int = 8,
@@ -211,11 +232,7 @@ def run_benchmark(target: str,
     base_rss = _rss_mb()
     scope, model = _build(path, overrides)
     model = model.to(dev)
-    num_classes = 1000
-    head = getattr(model, 'head', None)
-    if head is not None and hasattr(head, 'num_classes'):
-        num_classes = head.num_classes
-    data = _synthetic_batch(scope, batch, img_size, num_classes)
+    data = _synthetic_batch(scope, batch, img_size, _num_classes(model))
 
     autocast = (lambda: torch.autocast(dev.type, dtype=AMP_DTYPES[amp])
                 ) if amp else contextlib.nullcontext

@@ -62,13 +62,7 @@ def main(argv=None) -> None:
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
-    from mmengine.optim import OptimWrapper
-
-    from mmbiformer.analysis.benchmark import (
-        _build,
-        _synthetic_batch,
-        parse_target,
-    )
+    from mmbiformer.analysis.benchmark import training_setup
     t_mod, t_attr = _resolve(args.target)
     original = getattr(t_mod, t_attr)
     if args.replacement:
@@ -80,10 +74,8 @@ def main(argv=None) -> None:
         def patched(*_args, **_kwargs):
             return value
 
-    scope, model = _build(*parse_target(args.config))
-    model.train()
-    data = _synthetic_batch(scope, args.batch, args.img_size, 1000)
-    optim = OptimWrapper(torch.optim.AdamW(model.parameters(), lr=1e-4))
+    _, model, data, optim = training_setup(args.config, args.batch,
+                                           args.img_size)
     for _ in range(args.warmup):
         model.train_step(data, optim)
     times = {'as is': [], 'patched': []}

@@ -44,20 +44,11 @@ def main(argv=None) -> None:
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
-    from mmengine.optim import OptimWrapper
-
-    from mmbiformer.analysis.benchmark import (
-        _build,
-        _synthetic_batch,
-        parse_target,
-    )
+    from mmbiformer.analysis.benchmark import training_setup
     runs = []
     for target in args.configs:
-        path, overrides = parse_target(target)
-        scope, model = _build(path, overrides)
-        model.train()
-        data = _synthetic_batch(scope, args.batch, args.img_size, 1000)
-        optim = OptimWrapper(torch.optim.AdamW(model.parameters(), lr=1e-4))
+        _, model, data, optim = training_setup(target, args.batch,
+                                               args.img_size)
         runs.append((target, model, data, optim,
                      {name: [] for name in PHASES}))
 
