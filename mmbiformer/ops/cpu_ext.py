@@ -21,7 +21,7 @@ import warnings
 from types import ModuleType
 from typing import Optional
 
-__all__ = ['available', 'capturing_graph', 'load']
+__all__ = ['available', 'capturing_graph', 'eager_cpu_float32', 'load']
 
 SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc',
                   'cpu_kernels.cpp')
@@ -43,6 +43,18 @@ def capturing_graph() -> bool:
     return (torch.jit.is_scripting() or torch.jit.is_tracing()
             or torch.compiler.is_compiling()
             or torch.compiler.is_exporting())
+
+
+def eager_cpu_float32(*tensors) -> bool:
+    """Whether the project's CPU float32 fast paths may take these tensors:
+    all float32 on the CPU, no CPU autocast, no graph being recorded
+    (:func:`capturing_graph`). Each caller adds its own shape and
+    gradient conditions."""
+    import torch
+    return (all(t.device.type == 'cpu' and t.dtype == torch.float32
+                for t in tensors)
+            and not torch.is_autocast_enabled('cpu')
+            and not capturing_graph())
 
 
 def _builder():

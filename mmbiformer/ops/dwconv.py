@@ -107,12 +107,10 @@ class DepthwiseConv2d(nn.Conv2d):
                          bias=bias)
 
     def _use_kernel(self, x: Tensor) -> bool:
-        return (torch.is_grad_enabled() and x.device.type == 'cpu'
-                and x.dtype == torch.float32
-                and self.weight.dtype == torch.float32
-                and not torch.is_autocast_enabled('cpu')
+        return (torch.is_grad_enabled()
                 and (x.requires_grad or self.weight.requires_grad)
-                and x.dim() == 4 and not cpu_ext.capturing_graph())
+                and x.dim() == 4
+                and cpu_ext.eager_cpu_float32(x, self.weight))
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv(x, self.weight)

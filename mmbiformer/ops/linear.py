@@ -51,12 +51,9 @@ def _dnn_op():
 
 def dnn_linear_applies(x: Tensor, weight: Tensor) -> bool:
     """Whether :class:`Linear` takes the oneDNN path for this input."""
-    return (x.device.type == 'cpu' and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and x.dim() >= 2
+    return (x.dim() >= 2 and cpu_ext.eager_cpu_float32(x, weight)
             and torch.backends.mkldnn.is_available()
-            and torch.backends.mkldnn.enabled
-            and not torch.is_autocast_enabled('cpu')
-            and not cpu_ext.capturing_graph() and _dnn_op() is not None)
+            and torch.backends.mkldnn.enabled and _dnn_op() is not None)
 
 
 def _dnn(x: Tensor, weight: Tensor, bias: Optional[Tensor],

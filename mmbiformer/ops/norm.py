@@ -73,17 +73,13 @@ class AddNormFunction(torch.autograd.Function):
 
 def _applies(x: Tensor, y: Tensor, norm: nn.LayerNorm) -> bool:
     w, b = norm.weight, norm.bias
-    return (torch.is_grad_enabled() and x.device.type == 'cpu'
-            and x.dtype == torch.float32 and y.dtype == torch.float32
+    return (torch.is_grad_enabled() and w is not None and b is not None
             and x.shape == y.shape and x.dim() >= 2
-            and w is not None and b is not None
-            and w.dtype == torch.float32 and b.dtype == torch.float32
             and tuple(norm.normalized_shape) == (x.shape[-1], )
             and x.shape[-1] % 16 == 0
             and (x.requires_grad or y.requires_grad or w.requires_grad
                  or b.requires_grad)
-            and not torch.is_autocast_enabled('cpu')
-            and not cpu_ext.capturing_graph())
+            and cpu_ext.eager_cpu_float32(x, y, w, b))
 
 
 def add_norm(x: Tensor, y: Tensor, norm: nn.LayerNorm,
