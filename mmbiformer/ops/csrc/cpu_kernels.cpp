@@ -873,6 +873,23 @@ void add_norm_grad_rows(const float* gz, const float* gn, const float* z,
   }
 }
 
+// Sums that the threads of a parallel loop over [0, n) accumulate: body(acc,
+// i0, i1) adds into acc, a zeroed buffer of `shape` floats of its own
+// thread; returns their sum over the threads (a tensor of `shape`).
+template <typename Body>
+torch::Tensor thread_sums(int64_t n, int64_t grain, at::IntArrayRef shape,
+                          const at::TensorOptions& options, Body body) {
+  std::vector<int64_t> full{at::get_num_threads()};
+  full.insert(full.end(), shape.begin(), shape.end());
+  auto partial = torch::zeros(full, options);
+  const int64_t size = partial[0].numel();
+  float* pp = partial.data_ptr<float>();
+  at::parallel_for(0, n, grain, [&](int64_t i0, int64_t i1) {
+    body(pp + at::get_thread_num() * size, i0, i1);
+  });
+  return partial.sum(0);
+}
+
 }  // namespace
 
 // h, dz: contiguous float32 of one shape; dz becomes dz * gelu'(h) in
@@ -952,21 +969,17 @@ std::vector<torch::Tensor> add_layer_norm_backward(
               "be those of add_layer_norm");
   auto dz = torch::empty_like(z);
   auto dy = need_dy ? torch::empty_like(z) : torch::empty({0}, z.options());
-  const int nt = at::get_num_threads();
-  auto partial = torch::zeros({nt, 2, C}, z.options());
   const int64_t per = N ? rows / N : 1;
   const float* sp = scale ? scale->data_ptr<float>() : nullptr;
   const float* gzp = gz ? gz->data_ptr<float>() : nullptr;
-  float* pp = partial.data_ptr<float>();
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    float* acc = pp + at::get_thread_num() * 2 * C;
+  auto sums = thread_sums(rows, 16, {2, C}, z.options(),
+                          [&](float* acc, int64_t r0, int64_t r1) {
     add_norm_grad_rows(gzp, gn.data_ptr<float>(), z.data_ptr<float>(),
                        mean.data_ptr<float>(), rstd.data_ptr<float>(),
                        w.data_ptr<float>(), sp, per, dz.data_ptr<float>(),
                        need_dy ? dy.data_ptr<float>() : nullptr, acc,
                        acc + C, C, r0, r1);
   });
-  auto sums = partial.sum(0);
   return {dz, dy, sums[0], sums[1]};
 }
 
@@ -1079,15 +1092,12 @@ torch::Tensor dwconv_weight_grad(torch::Tensor x, torch::Tensor g,
   const int64_t N = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
   const int64_t kk = k * k;
   const View4 xv = view4(x), gv = view4(g);
-  const int nt = at::get_num_threads();
-  auto partial = torch::zeros({nt, kk, C}, x.options());
-  float* pp = partial.data_ptr<float>();
-  at::parallel_for(0, N * H, 1, [&](int64_t r0, int64_t r1) {
-    float* acc = pp + at::get_thread_num() * kk * C;
+  auto sums = thread_sums(N * H, 1, {kk, C}, x.options(),
+                          [&](float* acc, int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       dw_grad_row(xv, gv, acc, r / H, r % H, H, W, C, k);
   });
-  return partial.sum(0).t().reshape({C, 1, k, k}).contiguous();
+  return sums.t().reshape({C, 1, k, k}).contiguous();
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
