@@ -19,6 +19,7 @@ augmentations stay as the recipe has them.
 """
 import copy
 import math
+import os
 import os.path as osp
 from typing import List, Optional
 
@@ -85,7 +86,6 @@ def demo_train_images(root: str, task: str) -> int:
         with open(osp.join(d, 'annotations',
                            'instances_train2017.json')) as f:
             return len(json.load(f)['images'])
-    import os
     return len(os.listdir(osp.join(d, 'images', 'training')))
 
 
@@ -281,7 +281,6 @@ def save_initial_checkpoint(cfg, path: str) -> str:
     """Build the config's model with its initialisation and save it as a
     checkpoint (to evaluate a model before any training)."""
     import importlib
-    import os
 
     import torch
     from mmengine.registry import init_default_scope
@@ -296,3 +295,295 @@ def save_initial_checkpoint(cfg, path: str) -> str:
     torch.save(dict(state_dict=model.state_dict(),
                     meta=dict(epoch=0, iter=0)), path)
     return path
+
+
+# ===================================================================== #
+# The demo's schedule (``make demo``, ``tools/demo.py``)                 #
+# ===================================================================== #
+#: THE DEMO SCHEDULE. ``make demo`` runs the real configs with these
+#: changes, and nothing else changes them. They turn the paper's
+#: 8-GPU, days-long recipes into minutes on a 2-core CPU:
+#:
+#: * model: BiFormer-T (``arch='tiny'``) for all three tasks, no drop path,
+#:   and ``n_win`` chosen for the small images (a stage-3 feature map of
+#:   ``n_win`` x ``n_win`` regions of one token: n_win does not change the
+#:   weights, only how the map is cut into regions);
+#: * image size: ``img_size`` (the built-in images are drawn at about that
+#:   size);
+#: * classification: the 6 built-in classes (``num_classes=6`` and their
+#:   names), no Mixup/CutMix, RandAugment, random erasing, repeated
+#:   augmentation or EMA (kept: random resized crops, flips, label
+#:   smoothing, AdamW with the recipe's weight decay and gradient clipping);
+#: * detection and segmentation: the backbone starts from the demo's
+#:   classifier (``init_cfg=dict(type='Pretrained', ...)``), as the real
+#:   workflow starts from ImageNet weights; segmentation crops are resized
+#:   by 0.75-1.5x instead of 0.5-2x and the photometric distortion is off;
+#: * schedule: ``epochs``/``iters`` with ``batch_size``, AdamW at ``lr``
+#:   after a linear warm-up of ``warmup`` iterations (from 1/10 of it),
+#:   then cosine decay to ``lr / 100``; no validation during training
+#:   (``tools/test.py`` evaluates the last checkpoint).
+DEMO_SCHEDULE = dict(
+    cls=dict(
+        config='configs/classification/biformer_t_in1k.py',
+        img_size=64, n_win=4, batch_size=32, epochs=10, lr=2e-3,
+        warmup=30, workers=1),
+    det=dict(
+        config='configs/detection/maskrcnn_biformer_s_coco.py',
+        img_size=128, n_win=8, batch_size=4, epochs=4, lr=4e-4,
+        warmup=20, workers=1),
+    seg=dict(
+        config='configs/segmentation/semfpn_biformer_s_ade20k.py',
+        img_size=96, n_win=6, batch_size=8, iters=150, lr=1e-3,
+        warmup=15, workers=1),
+)
+
+
+def _cosine_schedule(warmup: int, total: int, lr: float) -> list:
+    """Linear warm-up over ``warmup`` iterations from lr/10, then cosine
+    decay to lr/100 at ``total`` (iteration-based, any loop)."""
+    warmup = max(2, min(warmup, total - 1))
+    return [
+        dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0,
+             end=warmup),
+        dict(type='CosineAnnealingLR', by_epoch=False, begin=warmup,
+             end=total, T_max=total - warmup, eta_min=lr / 100),
+    ]
+
+
+def _optimizer(cfg, lr: float) -> dict:
+    """The recipe's optimizer wrapper with the demo LR (AdamW kept)."""
+    ow = copy.deepcopy(cfg.optim_wrapper.to_dict()
+                       if hasattr(cfg.optim_wrapper, 'to_dict')
+                       else dict(cfg.optim_wrapper))
+    ow['optimizer']['lr'] = lr
+    ow['_delete_'] = True
+    return ow
+
+
+def demo_overrides(cfg, task: str, root: str = 'data/demo',
+                   init_checkpoint: Optional[str] = None,
+                   n_train: Optional[int] = None) -> dict:
+    """The nested overrides that turn the real config ``cfg`` of ``task``
+    into the demo's run (see :data:`DEMO_SCHEDULE`)."""
+    spec = DEMO_SCHEDULE[task]
+    s = spec['img_size']
+    data_root = osp.join(root, DATA_DIRS[task]) + '/'
+    if n_train is None:
+        n_train = demo_train_images(root, task)
+    bs, workers = spec['batch_size'], spec['workers']
+    if 'epochs' in spec:
+        iters_per_epoch = math.ceil(n_train / bs)
+        total = spec['epochs'] * iters_per_epoch
+        length = spec['epochs']
+        train_cfg = dict(max_epochs=length, val_interval=length + 1)
+    else:
+        total = length = spec['iters']
+        train_cfg = dict(max_iters=length, val_interval=length + 1)
+    loader = dict(num_workers=workers, persistent_workers=workers > 0)
+    backbone = dict(arch='tiny', n_win=spec['n_win'], drop_path_rate=0.)
+    if task != 'cls':
+        backbone['init_cfg'] = (
+            dict(type='Pretrained', checkpoint=init_checkpoint)
+            if init_checkpoint else None)
+    out = dict(
+        model=dict(backbone=backbone),
+        optim_wrapper=_optimizer(cfg, spec['lr']),
+        param_scheduler=_cosine_schedule(spec['warmup'], total, spec['lr']),
+        train_cfg=train_cfg,
+        default_hooks=dict(
+            logger=dict(interval=10),
+            checkpoint=dict(interval=length, max_keep_ckpts=1)),
+        randomness=dict(seed=0),
+        custom_hooks=[],
+    )
+    if task == 'cls':
+        from_dir = sorted(os.listdir(osp.join(data_root, 'train')))
+        classes = tuple(d.split('_', 1)[-1] for d in from_dir)
+        out['model'].update(
+            head=dict(num_classes=len(classes)),
+            train_cfg=None)  # no Mixup / CutMix
+        meta = dict(classes=classes)
+        out['train_dataloader'] = dict(
+            batch_size=bs, **loader,
+            sampler=dict(_delete_=True, type='DefaultSampler', shuffle=True),
+            dataset=dict(data_root=data_root, metainfo=meta, pipeline=[
+                dict(type='LoadImageFromFile'),
+                dict(type='RandomResizedCrop', scale=s,
+                     crop_ratio_range=(0.5, 1.0), backend='pillow',
+                     interpolation='bicubic'),
+                dict(type='RandomFlip', prob=0.5, direction='horizontal'),
+                dict(type='PackInputs'),
+            ]))
+        test_pipeline = [
+            dict(type='LoadImageFromFile'),
+            dict(type='ResizeEdge', scale=s, edge='short', backend='pillow',
+                 interpolation='bicubic'),
+            dict(type='CenterCrop', crop_size=s),
+            dict(type='PackInputs'),
+        ]
+        for name in ('val_dataloader', 'test_dataloader'):
+            out[name] = dict(batch_size=64, **loader, dataset=dict(
+                data_root=data_root, metainfo=meta, pipeline=test_pipeline))
+        out['val_evaluator'] = out['test_evaluator'] = dict(
+            type='Accuracy', topk=(1, ))
+    elif task == 'det':
+        out['train_dataloader'] = dict(
+            batch_size=bs, **loader, dataset=dict(
+                data_root=data_root, pipeline=[
+                    dict(type='LoadImageFromFile'),
+                    dict(type='LoadAnnotations', with_bbox=True,
+                         with_mask=True),
+                    dict(type='Resize', scale=(s, s), keep_ratio=True),
+                    dict(type='RandomFlip', prob=0.5),
+                    dict(type='PackDetInputs'),
+                ]))
+        test_pipeline = [
+            dict(type='LoadImageFromFile'),
+            dict(type='Resize', scale=(s, s), keep_ratio=True),
+            dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+            dict(type='PackDetInputs',
+                 meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
+                            'scale_factor')),
+        ]
+        ann = osp.join(data_root, 'annotations', 'instances_val2017.json')
+        for name in ('val_dataloader', 'test_dataloader'):
+            out[name] = dict(batch_size=4, **loader, dataset=dict(
+                data_root=data_root, pipeline=test_pipeline))
+        out['val_evaluator'] = dict(ann_file=ann)
+        out['test_evaluator'] = dict(ann_file=ann)
+    else:  # seg
+        out['model']['data_preprocessor'] = dict(size=(s, s))
+        out['train_dataloader'] = dict(
+            batch_size=bs, **loader, dataset=dict(
+                data_root=data_root, pipeline=[
+                    dict(type='LoadImageFromFile'),
+                    dict(type='LoadAnnotations', reduce_zero_label=True),
+                    dict(type='RandomResize', scale=(4 * s, s),
+                         ratio_range=(0.75, 1.5), keep_ratio=True),
+                    dict(type='RandomCrop', crop_size=(s, s),
+                         cat_max_ratio=0.75),
+                    dict(type='RandomFlip', prob=0.5),
+                    dict(type='PackSegInputs'),
+                ]))
+        test_pipeline = [
+            dict(type='LoadImageFromFile'),
+            dict(type='Resize', scale=(4 * s, s), keep_ratio=True),
+            dict(type='LoadAnnotations', reduce_zero_label=True),
+            dict(type='PackSegInputs'),
+        ]
+        for name in ('val_dataloader', 'test_dataloader'):
+            out[name] = dict(batch_size=1, **loader, dataset=dict(
+                data_root=data_root, pipeline=test_pipeline))
+    return out
+
+
+def demo_config(task: str, root: str = 'data/demo',
+                init_checkpoint: Optional[str] = None,
+                repo: str = '.'):
+    """The real config of ``task`` with the demo's overrides merged in."""
+    from .launch import load_config
+    spec = DEMO_SCHEDULE[task]
+    cfg = load_config(osp.join(repo, spec['config']))
+    cfg.merge_from_dict(demo_overrides(cfg, task, root, init_checkpoint))
+    return cfg
+
+
+def validation_image(root: str, task: str) -> str:
+    """A validation image of the built-in data (the demo draws on it)."""
+    d = osp.join(root, DATA_DIRS[task])
+    if task == 'cls':
+        with open(osp.join(d, 'meta', 'val.txt')) as f:
+            return osp.join(d, 'val', f.readline().split()[0])
+    if task == 'det':
+        import json
+        with open(osp.join(d, 'annotations', 'instances_val2017.json')) as f:
+            data = json.load(f)
+        counts = {}
+        for a in data['annotations']:
+            counts[a['image_id']] = counts.get(a['image_id'], 0) + 1
+        # the first image with the most objects
+        best = max(data['images'], key=lambda i: counts.get(i['id'], 0))
+        return osp.join(d, 'val2017', best['file_name'])
+    img_dir = osp.join(d, 'images', 'validation')
+    return osp.join(img_dir, sorted(os.listdir(img_dir))[0])
+
+
+def _det_chance(root: str, n_boxes: int = 10, seed: int = 0) -> float:
+    """COCO box mAP of random boxes: per validation image ``n_boxes``
+    boxes of training-set sizes at random places, with random classes of
+    the training set and random scores."""
+    import contextlib
+    import io
+    import json
+
+    import numpy as np
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    d = osp.join(root, DATA_DIRS['det'], 'annotations')
+    with open(osp.join(d, 'instances_train2017.json')) as f:
+        train = json.load(f)['annotations']
+    sizes = np.array([a['bbox'][2:] for a in train])
+    cats = sorted({a['category_id'] for a in train})
+    rng = np.random.default_rng(seed)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(osp.join(d, 'instances_val2017.json'))
+        dets = []
+        for img in gt.dataset['images']:
+            for _ in range(n_boxes):
+                w, h = sizes[rng.integers(len(sizes))]
+                x = rng.uniform(0, max(1., img['width'] - w))
+                y = rng.uniform(0, max(1., img['height'] - h))
+                dets.append(dict(image_id=img['id'],
+                                 category_id=int(rng.choice(cats)),
+                                 bbox=[x, y, float(w), float(h)],
+                                 score=float(rng.random())))
+        ev = COCOeval(gt, gt.loadRes(dets), 'bbox')
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return float(max(0., ev.stats[0]))
+
+
+def _seg_baseline(root: str) -> dict:
+    """mIoU and pixel accuracy of labelling every pixel with the most
+    frequent training class (mmseg's way: labels 1..150 -> 0..149, 0
+    ignored; IoU averaged over the classes in the labels or the
+    prediction)."""
+    import numpy as np
+    from PIL import Image
+
+    d = osp.join(root, DATA_DIRS['seg'], 'annotations')
+
+    def histogram(split):
+        counts = np.zeros(256, np.int64)
+        for name in sorted(os.listdir(osp.join(d, split))):
+            lab = np.asarray(Image.open(osp.join(d, split, name)))
+            counts += np.bincount(lab.ravel(), minlength=256)
+        return counts[1:151]  # 0 is ignored (reduce_zero_label)
+
+    majority = int(np.argmax(histogram('training')))
+    val = histogram('validation')
+    present = set(np.nonzero(val)[0].tolist()) | {majority}
+    iou = val[majority] / val.sum()
+    try:
+        from mmseg.datasets import ADE20KDataset
+        name = ADE20KDataset.METAINFO['classes'][majority]
+    except ImportError:
+        name = str(majority)
+    return dict(mIoU=100 * iou / len(present), aAcc=100 * iou,
+                majority=name)
+
+
+def chance_levels(root: str, tasks=('cls', 'det', 'seg')) -> dict:
+    """What each demo metric is when nothing was learned: top-1 of a
+    uniform guess, box mAP of random boxes, mIoU of the majority class."""
+    out = {}
+    if 'cls' in tasks:
+        n = len(os.listdir(osp.join(root, DATA_DIRS['cls'], 'train')))
+        out['cls'] = dict(top1=100 / n, n_classes=n)
+    if 'det' in tasks:
+        out['det'] = dict(bbox_mAP=_det_chance(root))
+    if 'seg' in tasks:
+        out['seg'] = _seg_baseline(root)
+    return out

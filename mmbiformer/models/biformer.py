@@ -16,7 +16,8 @@ from mmcv.cnn import build_norm_layer
 from mmengine.model import BaseModule
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..ops import BACKENDS, BiLevelRoutingAttention
+from ..ops import BiLevelRoutingAttention
+from ..ops.bra import check_backend
 from ..ops.module import PAD_MODES
 from .layers import BiFormerBlock, GlobalAttention, LayerNorm2d
 
@@ -72,10 +73,10 @@ class BiFormer(BaseModule):
             before the qkv projection, padded tokens take part in routing and
             attention) or ``'masked'`` (padded tokens are ignored).
         attn_backend (str): Backend of the routing attention (``'auto'``,
-            ``'reference'``, ``'official'``, ``'gather'``, ``'fused'``,
-            ``'triton'``, ``'cpu'``); changeable later through
-            :attr:`attn_backend`. ``'auto'`` takes the C++ kernels
-            (``'cpu'``) on the CPU and Triton on CUDA where they apply.
+            ``'cpu'``, ``'triton'``, ``'torch'``, ``'official'``,
+            ``'reference'``; see :mod:`mmbiformer.ops.bra`); changeable
+            later through :attr:`attn_backend`. The model itself makes no
+            device or dtype decisions: the registered operator does.
         norm_cfg (dict): Norm of the stem/downsampling convs and of the
             ``'bn'`` output norm. Defaults to ``dict(type='BN')``.
         frozen_stages (int): Stages (with their downsampling layers and
@@ -310,9 +311,7 @@ class BiFormer(BaseModule):
         if not _is_positive_int(in_channels):
             raise ValueError(f'in_channels must be a positive int (3 for RGB '
                              f'images), got {in_channels!r}')
-        if attn_backend not in BACKENDS:
-            raise ValueError(f'attn_backend={attn_backend!r} is not supported;'
-                             f' choose one of {BACKENDS}')
+        check_backend(attn_backend)
         if pad_mode not in PAD_MODES:
             raise ValueError(f'pad_mode={pad_mode!r} is not supported; choose '
                              f'one of {PAD_MODES}')
@@ -386,9 +385,7 @@ class BiFormer(BaseModule):
 
     @attn_backend.setter
     def attn_backend(self, backend: str) -> None:
-        if backend not in BACKENDS:
-            raise ValueError(f'attn_backend={backend!r} is not supported; '
-                             f'choose one of {BACKENDS}')
+        check_backend(backend)
         for m in self.routing_attentions():
             m.backend = backend
 

@@ -260,35 +260,144 @@ def _fit_output_norms(module: nn.Module, state_dict: Dict[str, torch.Tensor]
     return skipped
 
 
+class ArchitectureMismatchError(ValueError):
+    """A checkpoint whose backbone is another BiFormer architecture (other
+    depths or widths) than the model it is loaded into."""
+
+
+_STAGE_BLOCK = re.compile(r'^stages\.(\d+)\.(\d+)\.')
+
+
+def backbone_architecture(state_dict: Dict[str, torch.Tensor]) -> dict:
+    """The depths and widths of the BiFormer backbone held by a backbone
+    state dict (keys without the ``backbone.`` prefix, as
+    :func:`backbone_state_dict` returns them, or a model's own).
+
+    Returns:
+        dict: ``depths`` (blocks per stage, from the ``stages.{i}.{j}.``
+        keys) and ``embed_dims`` (output channels of each stage's stem or
+        downsampling conv; None where the tensor is absent).
+    """
+    blocks: Dict[int, set] = {}
+    for key in state_dict:
+        match = _STAGE_BLOCK.match(key)
+        if match:
+            blocks.setdefault(int(match.group(1)), set()).add(
+                int(match.group(2)))
+    n_stages = max([LAST_STAGE + 1] + [i + 1 for i in blocks])
+    depths = [len(blocks.get(i, ())) for i in range(n_stages)]
+    dims = []
+    for i in range(n_stages):
+        # the stem's second conv, or a downsampling layer's conv
+        key = ('downsample_layers.0.3.weight' if i == 0 else
+               f'downsample_layers.{i}.0.weight')
+        value = state_dict.get(key)
+        dims.append(int(value.shape[0]) if value is not None else None)
+    return dict(depths=depths, embed_dims=dims)
+
+
+def architecture_name(arch: dict) -> str:
+    """``'BiFormer-T (depths [2, 2, 8, 2], embed_dims [64, 128, 256, 512])'``
+    or ``'a custom BiFormer (...)'`` when no named architecture has those
+    depths and widths."""
+    detail = f'depths {arch["depths"]}, embed_dims {arch["embed_dims"]}'
+    try:
+        from .biformer import BiFormer
+        zoo = BiFormer.arch_zoo
+    except Exception:  # noqa: BLE001 (the name is a nicety)
+        zoo = {}
+    for name, settings in zoo.items():
+        if len(name) > 1 and list(settings['depths']) == arch['depths'] \
+                and list(settings['embed_dims']) == arch['embed_dims']:
+            return f'BiFormer-{name[0].upper()} ({name}: {detail})'
+    return f'a custom BiFormer ({detail})'
+
+
+def check_architecture(model_state: Dict[str, torch.Tensor],
+                       ckpt_state: Dict[str, torch.Tensor],
+                       filename: str = 'the checkpoint') -> None:
+    """Raise :class:`ArchitectureMismatchError` if the backbone weights
+    ``ckpt_state`` are of another architecture than ``model_state`` (both
+    backbone state dicts without prefix). The message names both."""
+    ours = backbone_architecture(model_state)
+    theirs = backbone_architecture(ckpt_state)
+    same_dims = all(a is None or b is None or a == b
+                    for a, b in zip(ours['embed_dims'], theirs['embed_dims']))
+    if ours['depths'] == theirs['depths'] and same_dims and \
+            len(ours['embed_dims']) == len(theirs['embed_dims']):
+        return
+    raise ArchitectureMismatchError(
+        f'Checkpoint {filename!r} holds {architecture_name(theirs)}, but the '
+        f'model is {architecture_name(ours)}. Use a checkpoint of the '
+        f"model's architecture, or set the model's arch to the "
+        f"checkpoint's. To load the tensors that fit anyway (a partial "
+        f"load), pass init_cfg=dict(type='Pretrained', checkpoint=..., "
+        f'strict=False).')
+
+
+def _pretrained_strict(module: nn.Module) -> bool:
+    """The ``strict`` of the module's ``Pretrained`` init_cfg (True when
+    not given)."""
+    cfgs = getattr(module, 'init_cfg', None) or []
+    if isinstance(cfgs, dict):
+        cfgs = [cfgs]
+    for cfg in cfgs:
+        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
+            return bool(cfg.get('strict', True))
+    return True
+
+
+_OUTPUT_NORM = re.compile(r'^norm\d+\.')
+
+
 def load_biformer_checkpoint(module: nn.Module,
                              filename: str,
                              prefix: Optional[str] = None,
                              map_location: str = 'cpu',
-                             logger=None) -> dict:
+                             logger=None,
+                             strict: Optional[bool] = None) -> dict:
     """Load any supported checkpoint into a :class:`~.BiFormer` backbone.
 
     The file is read with mmengine's ``CheckpointLoader`` (local paths,
     ``http(s)://``, ``open-mmlab://`` ...), its format detected, its keys
-    mapped in memory and loaded non-strictly; a report naming renamed,
-    dropped, skipped, missing and unexpected keys is logged.
+    mapped in memory and loaded; a report naming renamed, dropped, skipped,
+    missing and unexpected keys is logged.
+
+    Args:
+        strict: True: a checkpoint of another architecture (other depths
+            or widths, e.g. BiFormer-T weights for a BiFormer-S model) is
+            an :class:`ArchitectureMismatchError` that names both. False:
+            load whatever fits (a partial load) and report the rest. None
+            (default): the ``strict`` key of the module's ``Pretrained``
+            ``init_cfg``, True when absent. Within one architecture the
+            load is always non-strict: individual missing, unexpected or
+            mis-shaped tensors are reported, not raised.
 
     Returns:
-        dict: the report (``format``, ``missing``, ``unexpected``,
-        ``shape_mismatch``, ``skipped_norms``, ``dropped``, ``renamed``).
+        dict: the report (``format``, ``architecture``, ``missing``,
+        ``new_norms`` (output norms of this backbone that the checkpoint
+        does not have, e.g. loading a classifier into a dense-prediction
+        backbone: freshly initialised, not counted as missing),
+        ``unexpected``, ``shape_mismatch``, ``skipped_norms``, ``dropped``,
+        ``renamed``).
     """
     from mmengine.logging import MMLogger, print_log
 
     if logger is None:
         logger = MMLogger.get_current_instance()
+    if strict is None:
+        strict = _pretrained_strict(module)
     checkpoint = read_checkpoint(filename, map_location=map_location)
     try:
         state_dict, where = extract_state_dict(checkpoint)
         mapped, info = backbone_state_dict(state_dict, prefix)
     except (TypeError, ValueError) as err:
         raise type(err)(f'Checkpoint {filename!r}: {err}') from err
+    own = module.state_dict()
+    if strict:
+        check_architecture(own, mapped, filename)
     skipped = _fit_output_norms(module, mapped)
 
-    own = module.state_dict()
     mismatch = [
         f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
         for k, v in mapped.items() if k in own and v.shape != own[k].shape
@@ -300,9 +409,17 @@ def load_biformer_checkpoint(module: nn.Module,
         del mapped[k]
     result = module.load_state_dict(mapped, strict=False)
 
+    # output norms the checkpoint has in this backbone's kind (the others
+    # were skipped above): a key of one of them that is missing is missing
+    ckpt_norms = {k.split('.')[0] for k in mapped if _OUTPUT_NORM.match(k)}
+    missing = [k for k in result.missing_keys if k not in mismatched]
+    new_norms = [k for k in missing if _OUTPUT_NORM.match(k)
+                 and k.split('.')[0] not in ckpt_norms]
     report = dict(
         format=info['format'],
-        missing=[k for k in result.missing_keys if k not in mismatched],
+        architecture=architecture_name(backbone_architecture(own)),
+        missing=[k for k in missing if k not in new_norms],
+        new_norms=new_norms,
         unexpected=list(result.unexpected_keys),
         shape_mismatch=mismatch,
         skipped_norms=skipped,
@@ -312,7 +429,7 @@ def load_biformer_checkpoint(module: nn.Module,
         f'{type(module).__name__}: loaded {filename} '
         f'(format {info["format"]}, weights under {where!r}, prefix '
         f'{info["prefix"]!r}): {len(mapped) - len(report["unexpected"])} '
-        f'tensors loaded.'
+        f'tensors loaded into {report["architecture"]}.'
     ]
     if info['renamed']:
         pairs = sorted({(k.split('.')[0] + '.*', v.split('.')[0] + '.*')
@@ -324,6 +441,11 @@ def load_biformer_checkpoint(module: nn.Module,
     if skipped:
         lines.append('skipped (output norm of another kind or not used by '
                      f'this backbone): {skipped}')
+    if new_norms:
+        lines.append('output norms of this backbone that the checkpoint '
+                     'does not have (freshly initialised): '
+                     + ', '.join(sorted({k.split('.')[0]
+                                         for k in new_norms})))
     for title, keys in (('shape mismatch', mismatch),
                         ('missing keys', report['missing']),
                         ('unexpected keys', report['unexpected'])):

@@ -11,11 +11,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import cpu_ext
-from ..ops.dwconv import DepthwiseConv2d
-from ..ops.linear import Linear, gelu_mlp
-from ..ops.norm import add_norm
-
 
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of an ``NCHW`` map.
@@ -40,7 +35,8 @@ class LayerNorm2d(nn.LayerNorm):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drops the whole residual branch per sample.
+    """Stochastic depth: drops a residual branch per sample, scaling the
+    kept ones by ``1 / (1 - drop_prob)``.
 
     Args:
         drop_prob (float): Probability of dropping a sample's branch.
@@ -50,32 +46,22 @@ class DropPath(nn.Module):
         super().__init__()
         self.drop_prob = float(drop_prob)
 
-    def sample_scale(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-sample factors ``(N, 1, ..., 1)``: 0 (dropped) or
-        ``1 / (1 - drop_prob)`` (kept)."""
-        keep = 1. - self.drop_prob
-        shape = (x.shape[0], ) + (1, ) * (x.ndim - 1)
-        return x.new_empty(shape).bernoulli_(keep).div_(keep)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.drop_prob == 0. or not self.training:
             return x
-        return x * self.sample_scale(x)
+        keep = 1. - self.drop_prob
+        shape = (x.shape[0], ) + (1, ) * (x.ndim - 1)
+        return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
 
     def extra_repr(self) -> str:
         return f'drop_prob={self.drop_prob}'
 
 
-def kept_samples(scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The samples whose branch drop path keeps (``scale`` > 0), where
-    running the branch for them alone pays: on the CPU (elsewhere the index
-    would wait for the device) and when some but not all are dropped.
-    ``None``: run the branch for the whole batch."""
-    if scale is None or scale.device.type != 'cpu' or \
-            cpu_ext.capturing_graph():
-        return None
-    kept = scale.view(-1).nonzero().view(-1)
-    return None if kept.numel() == scale.shape[0] else kept
+def depthwise_conv(dim: int, kernel_size: int) -> nn.Conv2d:
+    """A depthwise ``k x k`` conv (stride 1, "same" padding) on ``(N, C, H,
+    W)`` maps: BiFormer's position embedding and LePE."""
+    return nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2,
+                     groups=dim)
 
 
 class GlobalAttention(nn.Module):
@@ -123,10 +109,10 @@ class GlobalAttention(nn.Module):
         self.dim = dim
         self.num_heads = num_heads
         self.scale = qk_scale or (dim // num_heads)**-0.5
-        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = Linear(dim, dim)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
         if side_dwconv > 0:
-            self.lepe = DepthwiseConv2d(dim, side_dwconv)
+            self.lepe = depthwise_conv(dim, side_dwconv)
         else:
             self.lepe = None
 
@@ -150,15 +136,9 @@ class GlobalAttention(nn.Module):
 class BiFormerBlock(nn.Module):
     """One BiFormer block (pre-norm, no layer scale)::
 
-        x = x + pos_embed(x)                      # depthwise conv, NCHW
-        x = x + drop_path(attn(norm1(x)))         # NHWC
-        x = x + drop_path(mlp(norm2(x)))          # NHWC
-
-    In CPU training with drop path, a branch whose samples are partly
-    dropped runs for the kept samples only and is added to theirs
-    (``index_add``): the dropped ones would add zeros, so the result is the
-    same to float rounding, for less work (in expectation the drop rate of
-    the branch's FLOPs; BiFormer-S's rates rise to 0.15).
+        x = x + pos_embed(x)                      # depthwise conv
+        x = x + drop_path(attn(norm1(x)))
+        x = x + drop_path(mlp(norm2(x)))
 
     Parameter names follow the official model: ``pos_embed``, ``norm1``,
     ``attn``, ``norm2``, ``mlp.0`` and ``mlp.3`` (``mlp.1`` is an identity,
@@ -173,7 +153,8 @@ class BiFormerBlock(nn.Module):
             embedding (official ``before_attn_dwconv``); 0 disables it.
 
     Shape:
-        ``x`` (N, C, H, W) -> (N, C, H, W).
+        ``x`` (N, C, H, W) -> (N, C, H, W); the attention and the MLP see
+        the channels-last view ``(N, H, W, C)``.
     """
 
     def __init__(self,
@@ -183,63 +164,23 @@ class BiFormerBlock(nn.Module):
                  drop_path: float = 0.,
                  pos_embed_kernel: int = 3) -> None:
         super().__init__()
-        if pos_embed_kernel > 0:
-            self.pos_embed = DepthwiseConv2d(dim, pos_embed_kernel)
-        else:
-            self.pos_embed = None
+        self.pos_embed = (depthwise_conv(dim, pos_embed_kernel)
+                          if pos_embed_kernel > 0 else None)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = attn
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         hidden = int(mlp_ratio * dim)
         self.mlp = nn.Sequential(
-            Linear(dim, hidden), nn.Identity(), nn.GELU(),
-            Linear(hidden, dim))
+            nn.Linear(dim, hidden), nn.Identity(), nn.GELU(),
+            nn.Linear(hidden, dim))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else \
             nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, C, H, W)."""
         if self.pos_embed is not None:
-            x = self.pos_embed.forward_residual(x)  # x + pos_embed(x)
+            x = x + self.pos_embed(x)
         x = x.permute(0, 2, 3, 1)
-        # attention branch, then norm2 of the sum (with the add, one op in
-        # CPU training where the branch runs for the whole batch)
-        scale = self._drop_scale(x)
-        kept = kept_samples(scale)
-        if kept is None:
-            x, h = add_norm(x, self.attn(self.norm1(x)), self.norm2, scale)
-        else:
-            x = self._add_kept(x, kept, lambda t: self.attn(self.norm1(t)),
-                               x)
-            h = self.norm2(x)
-        # MLP branch
-        scale = self._drop_scale(x)
-        kept = kept_samples(scale)
-        if kept is None:
-            y = self._mlp(h)
-            x = x + y if scale is None else torch.addcmul(x, y, scale)
-        else:
-            x = self._add_kept(x, kept, self._mlp, h)
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x.permute(0, 3, 1, 2)
-
-    def _drop_scale(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        # a branch's drop-path factors, None without drop path
-        dp = self.drop_path
-        if isinstance(dp, DropPath) and dp.training and dp.drop_prob > 0:
-            return dp.sample_scale(x)
-        return None
-
-    def _add_kept(self, x: torch.Tensor, kept: torch.Tensor, branch,
-                  inp: torch.Tensor) -> torch.Tensor:
-        """``x + drop_path(branch(inp))`` with the branch run only for the
-        ``kept`` samples (the dropped ones would add zeros). With every
-        sample dropped it runs on an empty batch: its parameters still get
-        (zero) gradients, as distributed data parallel training expects of
-        every parameter in every step."""
-        return torch.index_add(x, 0, kept, branch(inp[kept]),
-                               alpha=1. / (1. - self.drop_path.drop_prob))
-
-    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        # self.mlp(x); on the CPU one op in training, the GELU fused into
-        # the first product in inference
-        return gelu_mlp(x, self.mlp[0], self.mlp[3])

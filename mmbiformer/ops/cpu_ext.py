@@ -4,8 +4,10 @@
 ``torch.utils.cpp_extension.load`` (about 30 s once; torch caches the build
 and rebuilds it when the source changes) and returns the module, or ``None``
 where it cannot be built or loaded (no compiler, no ninja, not Linux/x86-64)
-or where ``MMBIFORMER_CPU_EXT=0`` is set. Callers then use their pure-torch
-paths: the kernels are an optimisation, never a requirement.
+or where ``MMBIFORMER_CPU_EXT=0`` is set. The operator then runs its
+portable implementation: the kernels are an optimisation, never a
+requirement. At a capability level below AVX-512 (a CPU without it, or
+``ATEN_CPU_CAPABILITY=avx2``/``default``) the build pins that level's code.
 
 ``python -m mmbiformer.ops.cpu_ext`` builds it ahead of time (``make
 install`` does this).
@@ -21,11 +23,13 @@ import warnings
 from types import ModuleType
 from typing import Optional
 
-__all__ = ['available', 'capturing_graph', 'eager_cpu_float32', 'load']
+__all__ = ['available', 'capability', 'load']
 
 SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc',
                   'cpu_kernels.cpp')
 ENV_SWITCH = 'MMBIFORMER_CPU_EXT'
+#: per capability level below AVX-512: the build pins that level's code
+_ISA_FLAGS = {'avx2': ['-DMMB_ISA=2'], 'default': ['-DMMB_ISA=1']}
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -35,26 +39,13 @@ def _enabled() -> bool:
     return os.environ.get(ENV_SWITCH, '1') != '0'
 
 
-def capturing_graph() -> bool:
-    """Whether a JIT trace/script, ``torch.compile`` or ``torch.export`` is
-    recording the model: the callers then keep their torch-only paths, so
-    FLOP counters, ONNX and torch.export see the ops they know."""
+def capability() -> str:
+    """torch's CPU capability level in lower case (``'avx512'``,
+    ``'avx2'``, ``'default'``, ...): the machine's, or the one
+    ``ATEN_CPU_CAPABILITY`` forces, so one machine can run every level's
+    code."""
     import torch
-    return (torch.jit.is_scripting() or torch.jit.is_tracing()
-            or torch.compiler.is_compiling()
-            or torch.compiler.is_exporting())
-
-
-def eager_cpu_float32(*tensors) -> bool:
-    """Whether the project's CPU float32 fast paths may take these tensors:
-    all float32 on the CPU, no CPU autocast, no graph being recorded
-    (:func:`capturing_graph`). Each caller adds its own shape and
-    gradient conditions."""
-    import torch
-    return (all(t.device.type == 'cpu' and t.dtype == torch.float32
-                for t in tensors)
-            and not torch.is_autocast_enabled('cpu')
-            and not capturing_graph())
+    return torch.backends.cpu.get_cpu_capability().lower()
 
 
 def _builder():
@@ -79,16 +70,19 @@ def load(verbose: bool = False) -> Optional[ModuleType]:
         if 'module' in _state:
             return _state['module']
         module = None
+        level = capability()
         if platform.system() != 'Linux' or platform.machine() != 'x86_64':
             reason = f'{platform.system()}/{platform.machine()} is not ' \
                 'Linux x86-64'
         else:
             try:
                 build = _builder()
+                suffix = '' if level not in _ISA_FLAGS else '_' + level
                 module = build(
-                    name='mmbiformer_cpu_kernels',
+                    name='mmbiformer_cpu_kernels' + suffix,
                     sources=[SOURCE],
-                    extra_cflags=['-O3', '-fopenmp'],
+                    extra_cflags=['-O3', '-fopenmp'] +
+                    _ISA_FLAGS.get(level, []),
                     extra_ldflags=['-fopenmp'],
                     verbose=verbose)
                 reason = None

@@ -1,26 +1,17 @@
 """FLOP counts of BRA for FLOP counters (fvcore / mmengine ``FlopAnalyzer``).
 
 The counters trace the model with the JIT and count ``aten::matmul`` etc.
-The ``reference``, ``official`` and ``gather`` backends and the routing step
-are made of ``aten::matmul`` calls that are counted automatically (the
-``reference`` backend computes dense attention, so it counts more). The
-``fused`` and ``triton`` backends are custom autograd functions that appear
-in the trace as single nodes named
-
-* ``prim::PythonOp.BRAFusedAttention`` (``fused``)
-* ``prim::PythonOp.BRATokenDenseAttention`` (``fused``, dense mode in
-  token order)
-* ``prim::PythonOp.BRATritonAttention`` (``triton``)
-* ``prim::PythonOp.BRACpuAttention`` (``cpu``, token order; the module
-  itself only takes this path outside JIT tracing)
-
-Register :func:`bra_flop_jit` as the handle for both so that every backend
-reports the same FLOPs as the official implementation, e.g.::
+The ``reference`` and ``official`` backends and the routing step are made
+of such calls and are counted as they are (``reference`` computes dense
+attention, so it counts more). The other backends run the registered
+operator, one node of kind ``mmbiformer::bra_forward`` in the trace:
+register :func:`bra_flop_jit` as its handle, e.g.::
 
     analyzer.set_op_handle(*{name: bra_flop_jit
                              for name in BRA_JIT_OP_NAMES}.items())
 
-Counts follow fvcore's convention: one multiply-add is one FLOP.
+and every backend reports the FLOPs of the official implementation. Counts
+follow fvcore's convention: one multiply-add is one FLOP.
 """
 from __future__ import annotations
 
@@ -29,10 +20,7 @@ from typing import Any, List
 __all__ = ['BRA_JIT_OP_NAMES', 'bra_attention_flops', 'bra_flop_jit',
            'bra_routing_flops']
 
-BRA_JIT_OP_NAMES = ('prim::PythonOp.BRAFusedAttention',
-                    'prim::PythonOp.BRATokenDenseAttention',
-                    'prim::PythonOp.BRATritonAttention',
-                    'prim::PythonOp.BRACpuAttention')
+BRA_JIT_OP_NAMES = ('mmbiformer::bra_forward', )
 
 
 def bra_attention_flops(batch: int, heads: int, regions: int, q_tokens: int,
@@ -59,18 +47,14 @@ def _sizes(value: Any) -> List[int]:
 
 
 def bra_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
-    """FLOP-counter handle for the BRA custom autograd functions.
-
-    ``inputs`` are the JIT values of ``apply(q, k, v, topk_index, ...)``:
-    q ``(B, h, R, Tq, d)``, k ``(B, h, S, Tk, d)``, v ``(B, h, S, Tk, dv)``,
-    topk_index ``(B, R, K)``; or, token order (self-attention, ``S = R``),
-    q ``(B, h, L, d)``, k ``(B, h, L, d)``, v ``(B, h, L, dv)``.
-    """
-    q, k, v, idx = (_sizes(x) for x in inputs[:4])
-    if len(q) == 4:
-        b, h, lq, d = q
-        r = idx[1]
-        return bra_attention_flops(b, h, r, lq // r, k[2] // r, idx[2], d,
-                                   v[3])
-    b, h, r, tq, d = q
-    return bra_attention_flops(b, h, r, tq, k[3], idx[2], d, v[4])
+    """FLOP-counter handle of ``mmbiformer::bra_forward``: ``inputs`` are
+    the JIT values of ``(q, k, v, topk_index, ...)`` with q ``(N, H, W,
+    heads * d)``, v ``(N, H, W, heads * dv)``, topk_index ``(N, R, K)``;
+    ``outputs`` ``(out, lse (N, heads, L))``."""
+    q, _, v, idx = (_sizes(x) for x in inputs[:4])
+    n, h, w, cq = q
+    heads = _sizes(outputs[1])[1]
+    r, topk = idx[1], idx[2]
+    tokens = h * w // r
+    return bra_attention_flops(n, heads, r, tokens, tokens, topk,
+                               cq // heads, v[3] // heads)

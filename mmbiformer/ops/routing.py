@@ -1,12 +1,12 @@
 """Region-level routing: the first level of bi-level routing attention.
 
-Layouts used throughout :mod:`mmbiformer.ops`:
-
-* ``B`` batch, ``R`` query regions, ``S`` key/value regions (``S == R`` in
-  BiFormer), ``T`` tokens per region, ``C`` channels.
-* Region features are ``(B, R, C)``; per-region token tensors are
-  ``(B, R, T, C)`` (tokens row-major inside a region, regions row-major in
-  the region grid).
+A feature map ``(N, H, W, C)`` (channels last; ``H`` and ``W`` multiples of
+``n_win``) is cut into ``R = n_win ** 2`` regions of ``rh x rw`` tokens,
+numbered row-major over the region grid. Every region keeps the ``topk``
+regions whose mean key best matches its mean query; the
+:class:`RegionGraph` holds that choice, and :func:`mmbiformer.ops.bra`
+runs the token attention it allows (as ``flex_attention`` takes a
+``BlockMask``).
 """
 from __future__ import annotations
 
@@ -14,136 +14,113 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ['RegionGraph', 'region_mean', 'route']
+__all__ = ['RegionGraph', 'region_graph', 'region_means', 'route']
 
 
 @dataclass(frozen=True)
 class RegionGraph:
-    """Which key regions every query region attends to.
-
-    A small, reusable description of the block-sparse attention pattern of
-    BRA (analogous to a ``BlockMask`` of ``flex_attention``): query region
-    ``r`` of batch item ``b`` attends to all tokens of key regions
-    ``topk_index[b, r, :]``.
+    """Which regions the tokens of every region attend to.
 
     Attributes:
-        topk_index: ``(B, R, topk)`` int64; indices into the ``S`` key
-            regions. Indices in one row must be distinct (``torch.topk``
-            guarantees that).
-        num_kv_regions: ``S``, the number of key/value regions.
-        key_mask: optional ``(B, S, Tk)`` bool, ``True`` for key tokens that
-            take part in attention (``False`` e.g. for padding). A query
-            whose routed keys are all masked gets an undefined (NaN) output.
-        routing_logits: optional ``(B, R, S)`` region-to-region scores the
-            graph was built from (kept for visualisation only).
+        topk_index: ``(N, R, topk)`` int64, the key regions of each query
+            region (distinct within a row, as ``torch.topk`` gives them).
+        n_win: regions per side of the grid, ``R = n_win ** 2``.
+        key_valid: optional ``(H, W)`` bool, ``False`` for tokens that are
+            no keys (the padding of ``pad_mode='masked'``); they take no
+            part in the attention. A query whose routed keys are all
+            invalid gets NaN.
+        routing_logits: optional ``(N, R, R)`` region-to-region scores the
+            graph was built from (for visualisation; not used by the
+            attention).
     """
 
     topk_index: Tensor
-    num_kv_regions: int
-    key_mask: Optional[Tensor] = None
+    n_win: int
+    key_valid: Optional[Tensor] = None
     routing_logits: Optional[Tensor] = None
 
     def __post_init__(self) -> None:
         idx = self.topk_index
-        if idx.dim() != 3:
+        if idx.dim() != 3 or idx.dtype != torch.long:
             raise ValueError(
-                'RegionGraph.topk_index must be (B, R, topk), got shape '
-                f'{tuple(idx.shape)}')
-        if idx.dtype != torch.long:
-            raise ValueError('RegionGraph.topk_index must be int64 (long), '
-                             f'got {idx.dtype}; use .long()')
-        if self.topk > self.num_kv_regions:
+                'RegionGraph.topk_index must be an int64 (N, R, topk) '
+                f'tensor, got {idx.dtype} of shape {tuple(idx.shape)}')
+        if idx.shape[1] != self.n_win * self.n_win:
             raise ValueError(
-                f'topk={self.topk} is larger than the number of key regions '
-                f'({self.num_kv_regions}); use topk <= {self.num_kv_regions}')
-        if self.key_mask is not None:
-            km = self.key_mask
-            if (km.dim() != 3 or km.dtype != torch.bool
-                    or km.shape[0] != idx.shape[0]
-                    or km.shape[1] != self.num_kv_regions):
-                raise ValueError(
-                    'RegionGraph.key_mask must be a bool tensor of shape '
-                    f'(B={idx.shape[0]}, S={self.num_kv_regions}, Tk), got '
-                    f'{km.dtype} {tuple(km.shape)}')
-
-    @property
-    def batch(self) -> int:
-        return self.topk_index.shape[0]
-
-    @property
-    def num_regions(self) -> int:
-        return self.topk_index.shape[1]
+                f'RegionGraph.topk_index has {idx.shape[1]} query regions, '
+                f'n_win={self.n_win} makes {self.n_win ** 2}')
+        if idx.shape[2] > idx.shape[1]:
+            raise ValueError(
+                f'topk={idx.shape[2]} is larger than the number of regions '
+                f'({idx.shape[1]}); use topk <= {idx.shape[1]}')
+        kv = self.key_valid
+        if kv is not None and (kv.dim() != 2 or kv.dtype != torch.bool):
+            raise ValueError('RegionGraph.key_valid must be a bool (H, W) '
+                             f'tensor, got {kv.dtype} {tuple(kv.shape)}')
 
     @property
     def topk(self) -> int:
         return self.topk_index.shape[2]
 
+    def region_hw(self, h: int, w: int) -> Tuple[int, int]:
+        """Tokens per region, ``(rh, rw)``, of an ``h x w`` map."""
+        return h // self.n_win, w // self.n_win
+
     def dense_region_mask(self) -> Tensor:
-        """``(B, R, S)`` bool: ``True`` where region r attends region s."""
-        mask = torch.zeros(self.batch, self.num_regions, self.num_kv_regions,
-                           dtype=torch.bool, device=self.topk_index.device)
-        return mask.scatter_(-1, self.topk_index, True)
-
-    def flat_index(self, heads: int, start: int = 0,
-                   end: Optional[int] = None) -> Tensor:
-        """Row indices into a ``(B*heads*S, ...)`` flattened key tensor.
-
-        Returns ``(B, heads, end-start, topk)`` int64 so that
-        ``k.reshape(B*heads*S, Tk, d).index_select(0, idx.flatten())`` gives
-        the routed key blocks of query regions ``start:end`` for every head.
-        """
-        idx = self.topk_index[:, start:end]
-        b, r, k = idx.shape
-        s = self.num_kv_regions
-        base = torch.arange(b * heads, device=idx.device).view(b, heads, 1, 1)
-        return base * s + idx.view(b, 1, r, k)  # (k, not -1: b may be 0)
+        """``(N, R, R)`` bool: ``True`` where region r attends region s."""
+        idx = self.topk_index
+        mask = idx.new_zeros(idx.shape[0], idx.shape[1], idx.shape[1],
+                             dtype=torch.bool)
+        return mask.scatter_(-1, idx, True)
 
 
-def region_mean(x: Tensor, token_mask: Optional[Tensor] = None) -> Tensor:
-    """Mean over the tokens of each region.
+def region_means(x: Tensor, n_win: int,
+                 valid: Optional[Tensor] = None) -> Tensor:
+    """Mean of each region's tokens: ``(N, H, W, C)`` -> ``(N, R, C)``.
 
-    Args:
-        x: ``(B, R, T, C)``.
-        token_mask: optional ``(B or 1, R, T)`` bool; only ``True`` tokens
-            are averaged (an all-``False`` region gives zeros).
-
-    Returns:
-        ``(B, R, C)``.
+    ``valid`` (``(H, W)`` bool) restricts the means to the valid tokens (a
+    region without any gets zeros).
     """
-    if token_mask is None:
-        return x.mean(dim=2)
-    w = token_mask.to(x.dtype).unsqueeze(-1)
-    count = w.sum(dim=2).clamp_min(1.0)
-    return (x * w).sum(dim=2) / count
+    n, h, w, c = x.shape
+    rh, rw = h // n_win, w // n_win
+    x = x.permute(0, 3, 1, 2)
+    if valid is None:
+        pooled = F.avg_pool2d(x, (rh, rw))
+    else:
+        weight = valid.to(x.dtype)
+        sums = F.avg_pool2d(x * weight, (rh, rw))
+        share = F.avg_pool2d(weight[None, None], (rh, rw))
+        pooled = sums / share.clamp_min(1.0 / (rh * rw))
+    return pooled.flatten(2).transpose(1, 2)
 
 
 def route(q_region: Tensor, k_region: Tensor, topk: int, scale: float,
           kv_region_valid: Optional[Tensor] = None
           ) -> Tuple[Tensor, Tensor]:
-    """Region-to-region routing (one routing shared by all heads).
+    """Region-to-region routing, one routing for all heads.
 
-    ``logits = (q_region * scale) @ k_region^T`` and the ``topk`` highest
-    scoring key regions per query region. Inputs are detached, as in
-    BiFormer; the softmax of the logits is not used by the attention.
+    ``logits = (q_region * scale) @ k_region^T`` and the ``topk`` best key
+    regions of each query region. The inputs are detached, as in BiFormer.
 
     Args:
-        q_region: ``(B, R, C)`` region queries (e.g. token means).
-        k_region: ``(B, S, C)`` region keys.
-        topk: number of key regions per query region, ``1 <= topk <= S``.
+        q_region: ``(N, R, C)`` region queries.
+        k_region: ``(N, S, C)`` region keys.
+        topk: regions kept per query region, ``1 <= topk <= S``.
         scale: logit scale.
-        kv_region_valid: optional ``(B or 1, S)`` bool; key regions marked
-            ``False`` get ``-inf`` logits so they are routed to last.
+        kv_region_valid: optional ``(S,)`` or ``(N, S)`` bool; ``False``
+            regions get ``-inf`` logits (routed to last).
 
     Returns:
-        ``(logits (B, R, S), topk_index (B, R, topk) int64)``.
+        ``logits (N, R, S)`` and ``topk_index (N, R, topk)`` int64.
     """
     s = k_region.shape[1]
     if not 1 <= topk <= s:
         raise ValueError(
-            f'topk={topk} is impossible with {s} key regions (n_win**2); '
-            f'use 1 <= topk <= {s} or a larger n_win')
+            f'topk={topk} is impossible with {s} regions (n_win**2); use '
+            f'1 <= topk <= {s} or a larger n_win')
     logits = (q_region.detach() * scale) @ k_region.detach().transpose(-2,
                                                                        -1)
     if kv_region_valid is not None:
@@ -151,3 +128,28 @@ def route(q_region: Tensor, k_region: Tensor, topk: int, scale: float,
                                     float('-inf'))
     _, index = torch.topk(logits, k=topk, dim=-1)
     return logits, index
+
+
+def region_graph(q: Tensor, k: Tensor, n_win: int, topk: int, scale: float,
+                 key_valid: Optional[Tensor] = None) -> RegionGraph:
+    """The routing of BRA: region means of ``q`` and ``k`` (``(N, H, W,
+    C)``), their affinities and the top-k regions of each region.
+
+    ``key_valid`` (``(H, W)`` bool) leaves invalid tokens out of the means
+    and regions without a valid token out of the routing; the graph keeps
+    it, so the attention skips those keys as well.
+    """
+    h, w = q.shape[1], q.shape[2]
+    if h % n_win or w % n_win:
+        raise ValueError(f'a {h}x{w} map is not divisible into n_win={n_win}'
+                         ' regions per side; pad it to multiples of n_win')
+    with torch.no_grad():
+        q_win = region_means(q, n_win, key_valid)
+        k_win = region_means(k, n_win, key_valid)
+        region_valid = None
+        if key_valid is not None:
+            rh, rw = h // n_win, w // n_win
+            region_valid = key_valid.view(n_win, rh, n_win, rw).any(3).any(1)
+            region_valid = region_valid.reshape(-1)
+        logits, index = route(q_win, k_win, topk, scale, region_valid)
+    return RegionGraph(index, n_win, key_valid, logits)

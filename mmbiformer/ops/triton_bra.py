@@ -1,14 +1,13 @@
-"""``triton`` backend: BRA attention as Triton kernels (CUDA).
+"""The Triton implementation of the BRA operator (CUDA).
 
-Imported lazily (only when the backend is used). On the CPU the kernels run
-under Triton's interpreter when ``TRITON_INTERPRET=1`` is set before this
-module is imported (that is how the test suite exercises them).
+Imported lazily. On the CPU the kernels run under Triton's interpreter when
+``TRITON_INTERPRET=1`` is set before this module is imported (that is how
+the test suite exercises them).
 
-Tensors are addressed through strides (:func:`_token_offsets`), so one pair
-of kernels serves region-major ``(B, h, R, T, d)`` tensors
-(:class:`BRATritonAttention`, the functional backend) and the channels-last
-``qkv`` projection of the layer, read in place in the map's token order
-(:class:`BRATritonTokenAttention`, what the module runs).
+Tensors are addressed through strides (:func:`_token_offsets`): the
+kernels read q, k and v where they lie in the channels-last ``qkv``
+projection, in the map's token order, and write the output map; no
+region-major copies in or out.
 
 Forward kernel: one program per (query block, batch, head, query region).
 The routed keys of a query region are walked as one flat axis of
@@ -27,9 +26,6 @@ equal to rounding from run to run, not bit for bit. Under
 instead: dQ per query block, then dK/dV per key block from the query
 regions routed to its region (an inverted routing index), every gradient
 row written once.
-
-The autograd functions' names are stable for FLOP counters (see
-:mod:`mmbiformer.ops.flops`).
 """
 from __future__ import annotations
 
@@ -39,23 +35,11 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from .routing import RegionGraph
-
-__all__ = [
-    'BACKWARD', 'BRATritonAttention', 'BRATritonTokenAttention',
-    'backward_mode', 'inverted_routing', 'supports',
-    'token_triton_applies', 'token_triton_attention', 'triton_attention'
-]
+__all__ = ['BACKWARD', 'applies', 'backward', 'backward_mode', 'forward',
+           'inverted_routing']
 
 _MAX_HEAD_DIM = 256
-
-
-def supports(q: Tensor) -> bool:
-    """Whether the kernels handle ``q``'s dtype and head dim."""
-    return (q.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            and q.shape[-1] <= _MAX_HEAD_DIM)
 
 
 @triton.jit
@@ -343,13 +327,6 @@ class _Geometry(NamedTuple):
     rwk: int
 
 
-def _region_major(t: Tensor) -> Tuple[int, ...]:
-    """Strides of a ``(B, h, S, T, c)`` tensor (unit last stride) for
-    :func:`_token_offsets` with ``NW = S`` and ``RW = T``."""
-    sb, sm, ss, st, _ = t.stride()
-    return (sb, sm, 0, ss, 0, st)
-
-
 def _token_order(t: Tensor, head_dim: int, rh: int,
                  rw: int) -> Tuple[int, ...]:
     """Strides of a channels-last map ``(N, H, W, heads * head_dim)`` (unit
@@ -472,147 +449,65 @@ def _launch_backward(g: _Geometry, q: Tensor, k: Tensor, v: Tensor,
                                BLOCK_DV=bdv, **opts)
 
 
-class BRATritonAttention(torch.autograd.Function):
-    """Triton BRA attention on region-major tensors.
-
-    ``apply(q, k, v, topk_index, key_mask, scale)`` with the layouts of
-    :func:`mmbiformer.ops.bra_attention`.
-    """
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, topk_index: Tensor,
-                key_mask: Optional[Tensor], scale: float) -> Tensor:
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        idx = topk_index.contiguous()
-        b, h, r, tq, d = q.shape
-        s, tk, dv = k.shape[2], k.shape[3], v.shape[-1]
-        g = _Geometry(b, h, r, s, tq, tk, idx.shape[-1], d, dv, r, tq, s, tk)
-        mask = (key_mask.contiguous().to(torch.int8)
-                if key_mask is not None else None)
-        out = torch.empty(b, h, r, tq, dv, dtype=q.dtype, device=q.device)
-        lse = _launch_forward(g, q, k, v, idx, mask, out, scale,
-                              [_region_major(t) for t in (q, k, v, out)])
-        ctx.save_for_backward(q, k, v, idx, mask, out, lse)
-        ctx.scale = scale
-        ctx.geometry = g
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor):
-        q, k, v, idx, mask, out, lse = ctx.saved_tensors
-        do = grad_out.contiguous()
-        mode = backward_mode()
-        dq = torch.empty_like(q)
-        dk = _grad_buffer(k.shape, k, mode)
-        dvv = _grad_buffer(v.shape, v, mode)
-        _launch_backward(ctx.geometry, q, k, v, idx, mask, out, do, lse, dq,
-                         dk, dvv, ctx.scale,
-                         [_region_major(t)
-                          for t in (q, k, v, out, do, dq, dk, dvv)], mode)
-        return dq, dk.to(k.dtype), dvv.to(v.dtype), None, None, None
+def applies(q: Tensor, v: Tensor, heads: int) -> Optional[str]:
+    """``None`` where the kernels take these inputs, else why not."""
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f'they take float32, float16 or bfloat16, not {q.dtype}'
+    if max(q.shape[-1], v.shape[-1]) // heads > _MAX_HEAD_DIM:
+        return f'they take head dims up to {_MAX_HEAD_DIM}'
+    return None
 
 
-class BRATritonTokenAttention(torch.autograd.Function):
-    """Triton BRA attention that reads q, k and v where they lie in the
-    channels-last ``qkv`` projection and writes the output in the map's
-    token order: no region-major copies in or out, and the backward writes
-    one ``qkv``-shaped gradient.
-
-    ``apply(qkv, topk_index, geometry, scale)``: qkv ``(N, H, W, 2 qk_dim +
-    C)`` (``H``, ``W`` multiples of ``n_win``), topk_index ``(N, n_win**2,
-    K)``, geometry ``(n_win, heads, qk_dim)``; returns ``(N, H, W, C)``.
-    """
-
-    @staticmethod
-    def forward(ctx, qkv: Tensor, topk_index: Tensor,
-                geometry: Tuple[int, int, int], scale: float) -> Tensor:
-        nw, heads, qk_dim = geometry
-        if qkv.stride(-1) != 1:
-            qkv = qkv.contiguous()
-        idx = topk_index.contiguous()
-        n, hp, wp, ctot = qkv.shape
-        dim = ctot - 2 * qk_dim
-        rh, rw = hp // nw, wp // nw
-        d, dv = qk_dim // heads, dim // heads
-        g = _Geometry(n, heads, nw * nw, nw * nw, rh * rw, rh * rw,
-                      idx.shape[-1], d, dv, nw, rw, nw, rw)
-        q, k, v = qkv.split([qk_dim, qk_dim, dim], dim=-1)
-        out = qkv.new_empty(n, hp, wp, dim)
-        lay_qk, lay_v = _token_order(q, d, rh, rw), _token_order(v, dv, rh,
-                                                                 rw)
-        lse = _launch_forward(g, q, k, v, idx, None, out, scale,
-                              [lay_qk, lay_qk, lay_v,
-                               _token_order(out, dv, rh, rw)])
-        ctx.save_for_backward(qkv, idx, out, lse)
-        ctx.scale = scale
-        ctx.geometry = g
-        ctx.qk_dim = qk_dim
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor):
-        qkv, idx, out, lse = ctx.saved_tensors
-        g, qk_dim = ctx.geometry, ctx.qk_dim
-        if grad_out.stride(-1) != 1:
-            grad_out = grad_out.contiguous()
-        dim = qkv.shape[-1] - 2 * qk_dim
-        rh, rw = qkv.shape[1] // g.nwq, qkv.shape[2] // g.nwq
-        q, k, v = qkv.split([qk_dim, qk_dim, dim], dim=-1)
-        mode = backward_mode()
-        dqkv = _grad_buffer(qkv.shape, qkv, mode)
-        dq, dk, dv = dqkv.split([qk_dim, qk_dim, dim], dim=-1)
-        lay_qk = _token_order(q, g.d, rh, rw)
-        lay_v = _token_order(v, g.dv, rh, rw)
-        lay_dqk = _token_order(dq, g.d, rh, rw)
-        _launch_backward(g, q, k, v, idx, None, out, grad_out, lse, dq, dk,
-                         dv, ctx.scale,
-                         [lay_qk, lay_qk, lay_v,
-                          _token_order(out, g.dv, rh, rw),
-                          _token_order(grad_out, g.dv, rh, rw), lay_dqk,
-                          lay_dqk, _token_order(dv, g.dv, rh, rw)], mode)
-        return dqkv.to(qkv.dtype), None, None, None
+def _setup(q: Tensor, v: Tensor, topk_index: Tensor,
+           key_valid: Optional[Tensor], n_win: int, heads: int):
+    n, h, w, _ = q.shape
+    rh, rw = h // n_win, w // n_win
+    d, dv = q.shape[-1] // heads, v.shape[-1] // heads
+    g = _Geometry(n, heads, n_win**2, n_win**2, rh * rw, rh * rw,
+                  topk_index.shape[-1], d, dv, n_win, rw, n_win, rw)
+    mask = None
+    if key_valid is not None:  # (H, W) -> (N, R, T) int8, region-major
+        mask = key_valid.view(n_win, rh, n_win, rw).permute(0, 2, 1, 3)
+        mask = mask.reshape(1, n_win**2, rh * rw).expand(n, -1, -1)
+        mask = mask.to(torch.int8).contiguous()
+    return g, mask, (rh, rw)
 
 
-def token_triton_applies(qkv: Tensor, head_dim: int,
-                         v_head_dim: int) -> bool:
-    """Whether :func:`token_triton_attention` takes this ``qkv``: a CUDA
-    tensor (or the interpreter) of a supported dtype and head dims, and no
-    graph capture (FLOP counters and exporters see the region-major op)."""
-    from .cpu_ext import capturing_graph
-    from .functional import triton_available
-    return (triton_available(qkv.device) and
-            qkv.dtype in (torch.float32, torch.float16, torch.bfloat16) and
-            max(head_dim, v_head_dim) <= _MAX_HEAD_DIM and
-            not capturing_graph())
+def _unit(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def token_triton_attention(qkv: Tensor, topk_index: Tensor, n_win: int,
-                           heads: int, qk_dim: int, scale: float) -> Tensor:
-    """BRA of the channels-last ``qkv`` projection ``(N, H, W, 2 qk_dim +
-    C)`` in token order with the Triton kernels (see
-    :class:`BRATritonTokenAttention`); returns ``(N, H, W, C)``. Check
-    :func:`token_triton_applies` first."""
-    return BRATritonTokenAttention.apply(qkv, topk_index,
-                                         (n_win, heads, qk_dim),
-                                         float(scale))
+def forward(q: Tensor, k: Tensor, v: Tensor, topk_index: Tensor,
+            key_valid: Optional[Tensor], n_win: int, heads: int,
+            scale: float) -> Tuple[Tensor, Tensor]:
+    """The operator's forward on ``(N, H, W, heads * c)`` maps read in
+    place (any strides with a unit channel stride): ``(out, lse (N, heads,
+    L))``, the log-sum-exp in region-major token order."""
+    q, k, v = _unit(q), _unit(k), _unit(v)
+    idx = topk_index.contiguous()
+    g, mask, (rh, rw) = _setup(q, v, idx, key_valid, n_win, heads)
+    out = q.new_empty(v.shape)
+    lse = _launch_forward(g, q, k, v, idx, mask, out, scale, [
+        _token_order(q, g.d, rh, rw), _token_order(k, g.d, rh, rw),
+        _token_order(v, g.dv, rh, rw), _token_order(out, g.dv, rh, rw)])
+    return out, lse.view(g.batch, heads, -1)
 
 
-def triton_attention(q: Tensor, k: Tensor, v: Tensor, graph: RegionGraph,
-                     scale: float) -> Tensor:
-    """``triton`` backend of :func:`mmbiformer.ops.bra_attention`."""
-    if q.device.type != 'cuda':
-        from .functional import triton_available
-        if not triton_available(q.device):
-            raise RuntimeError(
-                "backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 "
-                "set before import to run the kernels on the CPU); use "
-                "backend='fused' on the CPU")
-    if not supports(q):
-        raise ValueError(
-            f"backend='triton' supports float32/float16/bfloat16 and head "
-            f'dims <= {_MAX_HEAD_DIM}, got {q.dtype} and d={q.shape[-1]}; '
-            "use backend='fused'")
-    return BRATritonAttention.apply(q, k, v, graph.topk_index,
-                                    graph.key_mask, scale)
+def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+             lse: Tensor, topk_index: Tensor, key_valid: Optional[Tensor],
+             n_win: int, heads: int, scale: float
+             ) -> Tuple[Tensor, Tensor, Tensor]:
+    """The operator's backward (kernels of :func:`backward_mode`)."""
+    q, k, v, out, do = (_unit(t) for t in (q, k, v, out, grad_out))
+    idx = topk_index.contiguous()
+    g, mask, (rh, rw) = _setup(q, v, idx, key_valid, n_win, heads)
+    mode = backward_mode()
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = _grad_buffer(k.shape, k, mode)
+    dv = _grad_buffer(v.shape, v, mode)
+    layouts = [_token_order(t, g.d if i in (0, 1, 5, 6) else g.dv, rh, rw)
+               for i, t in enumerate((q, k, v, out, do, dq, dk, dv))]
+    _launch_backward(g, q, k, v, idx, mask, out, do,
+                     lse.view(g.batch, heads, g.regions, g.tq), dq, dk, dv,
+                     scale, layouts, mode)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)

@@ -4,16 +4,23 @@
 // torch.utils.cpp_extension.load; every kernel has a pure-torch fallback.
 // Hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked
 // at run time (GCC target_clones), so one build runs on any x86-64 CPU.
+// The kernels were tuned on AVX-512; the operator takes them by default
+// only there (mmbiformer/ops/bra.py).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
-#include <optional>
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// MMB_ISA pins one level instead (2: AVX2, 1: baseline), so that a forced
+// ATEN_CPU_CAPABILITY runs the code of that level (mmbiformer/ops/cpu_ext.py).
+#if defined(MMB_ISA) && MMB_ISA == 2
+#define MMB_CLONES __attribute__((target("avx2,fma")))
+#elif defined(MMB_ISA)
+#define MMB_CLONES
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define MMB_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define MMB_CLONES
@@ -36,37 +43,6 @@ struct View4 {
 View4 view4(const torch::Tensor& t) {
   return View4{t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)};
 }
-
-// ---------------------------------------------------------------------------
-// Depthwise convolution, stride 1, padding k / 2: weight gradient.
-//
-// dw[c, i, j] = sum_{n, h, w} x[n, h + i - p, w + j - p, c] * g[n, h, w, c]
-// x, g: (N, H, W, C) views with unit channel stride (View4 with the rows
-// as its second and the columns as its third dim).
-
-MMB_CLONES
-void dw_grad_row(const View4& x, const View4& g, float* acc, int64_t n,
-                 int64_t h, int64_t H, int64_t W, int64_t C, int64_t k) {
-  const int64_t p = k / 2;
-  const float* grow = g.at(n, h, 0);
-  for (int64_t i = 0; i < k; ++i) {
-    const int64_t hx = h + i - p;
-    if (hx < 0 || hx >= H) continue;
-    const float* xrow = x.at(n, hx, 0);
-    for (int64_t j = 0; j < k; ++j) {
-      float* a = acc + (i * k + j) * C;
-      const int64_t w0 = std::max<int64_t>(0, p - j);
-      const int64_t w1 = std::min<int64_t>(W, W + p - j);
-      for (int64_t w = w0; w < w1; ++w) {
-        const float* xv = xrow + (w + j - p) * x.sh;
-        const float* gv = grow + w * g.sh;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) a[c] += xv[c] * gv[c];
-      }
-    }
-  }
-}
-
 
 // ---------------------------------------------------------------------------
 // Bi-level routing attention on channels-last maps, in the map's token order.
@@ -560,9 +536,7 @@ void check_bra_inputs(const torch::Tensor& q, const torch::Tensor& k,
 // Everything one call needs; forward leaves the gradient fields empty.
 struct BraArgs {
   View4 q, k, v, out, grad_out, dq, dk, dv;
-  View4 dv_base;    // backward: dv starts from this gradient (p null: zero)
   const float* kg;  // forward: grouped copy of k (see RoutedKeys), or null
-  bool add_out;     // forward: add the attention to what `out` holds
   float* lse;
   const int64_t* idx;
   MapGeom g;
@@ -660,10 +634,7 @@ void bra_forward_items(const BraArgs& a, int64_t i0, int64_t i1) {
         inv[i] = 1.f / sum;
         lse_b[i] = m + std::log(sum);
       }
-      if (a.add_out)
-        wsum4<true>(srow, vrow.data(), orow, inv, nk, dv);
-      else
-        wsum4(srow, vrow.data(), orow, inv, nk, dv);
+      wsum4(srow, vrow.data(), orow, inv, nk, dv);
       if (a.lse)
         for (int i = 0; i < QB && t0 + i < tq; ++i)
           a.lse[(n * nh + hd) * a.L + g.token(r, t0 + i)] = lse_b[i];
@@ -694,16 +665,10 @@ void bra_backward_items(const BraArgs& a, int64_t i0, int64_t i1) {
   const float ones[QB] = {1.f, 1.f, 1.f, 1.f};
   for (int64_t item = i0; item < i1; ++item) {
     const int64_t hd = item % nh, n = item / nh;
-    // the item's dK/dV rows, accumulated in place below: dK from zero, dV
-    // from dv_base where given (written here, while the rows are this
-    // thread's, rather than in a separate strided pass over the map)
+    // the item's dK/dV rows, accumulated in place below from zero
     for (int64_t l = 0; l < a.L; ++l) {
       std::fill_n(a.dk.at(n, l, hd), d, 0.f);
-      float* dvr = a.dv.at(n, l, hd);
-      if (a.dv_base.p)
-        std::copy_n(a.dv_base.at(n, l, hd), dvd, dvr);
-      else
-        std::fill_n(dvr, dvd, 0.f);
+      std::fill_n(a.dv.at(n, l, hd), dvd, 0.f);
     }
     if (keys.G) {
       group_rows(a.k, n, hd, g, R, d, kg.data());
@@ -745,262 +710,17 @@ void bra_backward_items(const BraArgs& a, int64_t i0, int64_t i1) {
 }
 
 
-// GELU (exact, erf form) backward fused with its recomputation, for the MLP
-// op of mmbiformer/ops/linear.py: from the pre-activation h and the
-// gradient dz of the GELU output, writes g = gelu(h) and dz *= gelu'(h):
-//   Phi(h) = erfc(-h / sqrt(2)) / 2, phi(h) = exp(-h^2 / 2) / sqrt(2 pi),
-//   gelu(h) = h Phi(h), gelu'(h) = Phi(h) + h phi(h).
-// erfc(x), x >= 0, as t exp(-x^2) Q(t) with t = 1 / (1 + x / 2) and Q a
-// degree-11 polynomial least-squares fitted to erfc(x) exp(x^2) / t on
-// [0, 9] (relative error of the fit 5e-10; in float32 the rounding of x^2
-// dominates, about 1e-6 relative where erfc is below 1e-7; beyond 9 erfc
-// is below 1e-36).
-
-MMB_INLINE v16 erfc_pos(v16 x, v16* e_minus_x2) {
-  const v16 t = 1.f / (x * 0.5f + 1.f);
-  v16 q = splat(-3.177410496e-02f);
-  q = q * t + 2.363668734e-01f;
-  q = q * t - 7.516168234e-01f;
-  q = q * t + 1.294877175e+00f;
-  q = q * t - 1.251859469e+00f;
-  q = q * t + 6.646085084e-01f;
-  q = q * t - 3.023899999e-01f;
-  q = q * t + 1.692366793e-01f;
-  q = q * t + 1.595389895e-01f;
-  q = q * t + 2.489783066e-01f;
-  q = q * t + 2.819336957e-01f;
-  q = q * t + 2.821001690e-01f;
-  const v16 e = vexp(-(x * x));
-  *e_minus_x2 = e;
-  return t * e * q;
-}
-
-MMB_CLONES
-void gelu_grad_range(const float* h, float* dz, float* g, int64_t i0,
-                     int64_t i1) {
-  const float inv_sqrt2 = 0.70710678118654752f;
-  const float inv_sqrt_2pi = 0.39894228040143268f;
-  int64_t i = i0;
-  for (; i + 16 <= i1; i += 16) {
-    const v16 x = load16(h + i);
-    const v16 z = x * inv_sqrt2;
-    const v16 az = z < 0.f ? -z : z;
-    v16 e;  // exp(-z^2) = exp(-h^2 / 2)
-    const v16 half_erfc = erfc_pos(az, &e) * 0.5f;
-    const v16 cdf = z < 0.f ? half_erfc : 1.f - half_erfc;
-    store16(g + i, x * cdf);
-    store16(dz + i, load16(dz + i) * (cdf + x * (e * inv_sqrt_2pi)));
-  }
-  for (; i < i1; ++i) {
-    const float x = h[i];
-    const float cdf = 0.5f * std::erfc(-x * inv_sqrt2);
-    g[i] = x * cdf;
-    dz[i] *= cdf + x * std::exp(-0.5f * x * x) * inv_sqrt_2pi;
-  }
-}
-
-// ---------------------------------------------------------------------------
-// Residual add + LayerNorm over the channels of (rows, C) maps, C a
-// multiple of 16, for the op of mmbiformer/ops/norm.py:
-//   z = x + s y  (s: the row's sample factor, or 1),
-//   out = (z - mean) * rstd * w + b,  rstd = 1 / sqrt(var + eps).
-// The backward takes the gradients of z (gz, from its other consumers) and
-// of out (gn) and writes dz = gz + the LayerNorm's input gradient in one
-// pass; dy = s dz where asked; dw, db accumulate per thread.
-
-MMB_CLONES
-void add_norm_rows(const float* x, const float* y, const float* s,
-                   int64_t rows_per_sample, const float* w, const float* b,
-                   float eps, float* z, float* out, float* mean, float* rstd,
-                   int64_t C, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const float sc = s ? s[r / rows_per_sample] : 1.f;
-    const float *xr = x + r * C, *yr = y + r * C;
-    float* zr = z + r * C;
-    v16 acc{};
-    for (int64_t c = 0; c < C; c += 16) {
-      const v16 zv = load16(xr + c) + load16(yr + c) * sc;
-      store16(zr + c, zv);
-      acc += zv;
-    }
-    const float m = hsum(acc) / static_cast<float>(C);
-    v16 acc2{};
-    for (int64_t c = 0; c < C; c += 16) {
-      const v16 dv = load16(zr + c) - m;
-      acc2 += dv * dv;
-    }
-    const float rs =
-        1.f / std::sqrt(hsum(acc2) / static_cast<float>(C) + eps);
-    float* outr = out + r * C;
-    for (int64_t c = 0; c < C; c += 16)
-      store16(outr + c,
-              (load16(zr + c) - m) * rs * load16(w + c) + load16(b + c));
-    mean[r] = m;
-    rstd[r] = rs;
-  }
-}
-
-MMB_CLONES
-void add_norm_grad_rows(const float* gz, const float* gn, const float* z,
-                        const float* mean, const float* rstd, const float* w,
-                        const float* s, int64_t rows_per_sample, float* dz,
-                        float* dy, float* dw, float* db, int64_t C,
-                        int64_t r0, int64_t r1) {
-  const float inv_c = 1.f / static_cast<float>(C);
-  for (int64_t r = r0; r < r1; ++r) {
-    const float m = mean[r], rs = rstd[r];
-    const float *zr = z + r * C, *gr = gn + r * C;
-    v16 a{}, bsum{};
-    for (int64_t c = 0; c < C; c += 16) {
-      const v16 zh = (load16(zr + c) - m) * rs;
-      const v16 g = load16(gr + c);
-      const v16 gw = g * load16(w + c);
-      a += gw;
-      bsum += gw * zh;
-      store16(dw + c, load16(dw + c) + g * zh);
-      store16(db + c, load16(db + c) + g);
-    }
-    const float A = hsum(a) * inv_c, B = hsum(bsum) * inv_c;
-    const float sc = s ? s[r / rows_per_sample] : 1.f;
-    float* dzr = dz + r * C;
-    for (int64_t c = 0; c < C; c += 16) {
-      const v16 zh = (load16(zr + c) - m) * rs;
-      v16 d = (load16(gr + c) * load16(w + c) - A - zh * B) * rs;
-      if (gz) d += load16(gz + r * C + c);
-      store16(dzr + c, d);
-      if (dy) store16(dy + r * C + c, d * sc);
-    }
-  }
-}
-
-// Sums that the threads of a parallel loop over [0, n) accumulate: body(acc,
-// i0, i1) adds into acc, a zeroed buffer of `shape` floats of its own
-// thread; returns their sum over the threads (a tensor of `shape`).
-template <typename Body>
-torch::Tensor thread_sums(int64_t n, int64_t grain, at::IntArrayRef shape,
-                          const at::TensorOptions& options, Body body) {
-  std::vector<int64_t> full{at::get_num_threads()};
-  full.insert(full.end(), shape.begin(), shape.end());
-  auto partial = torch::zeros(full, options);
-  const int64_t size = partial[0].numel();
-  float* pp = partial.data_ptr<float>();
-  at::parallel_for(0, n, grain, [&](int64_t i0, int64_t i1) {
-    body(pp + at::get_thread_num() * size, i0, i1);
-  });
-  return partial.sum(0);
-}
-
 }  // namespace
 
-// h, dz: contiguous float32 of one shape; dz becomes dz * gelu'(h) in
-// place; returns gelu(h)
-torch::Tensor gelu_grad(torch::Tensor h, torch::Tensor dz) {
-  TORCH_CHECK(h.scalar_type() == at::kFloat && dz.scalar_type() == at::kFloat
-                  && h.is_contiguous() && dz.is_contiguous() &&
-                  h.sizes() == dz.sizes(),
-              "gelu_grad: h and dz must be contiguous float32 tensors of one "
-              "shape");
-  auto g = torch::empty_like(h);
-  const float* hp = h.data_ptr<float>();
-  float* dp = dz.data_ptr<float>();
-  float* gp = g.data_ptr<float>();
-  at::parallel_for(0, h.numel(), 4096, [&](int64_t i0, int64_t i1) {
-    gelu_grad_range(hp, dp, gp, i0, i1);
-  });
-  return g;
-}
-
-// x, y: contiguous float32 (N, ..., C) of one shape, C a multiple of 16;
-// scale: None or (N,) per-sample factors of y; w, b: (C,).
-// -> z = x + scale y, out = layer_norm(z), mean and rstd (rows,)
-std::vector<torch::Tensor> add_layer_norm(torch::Tensor x, torch::Tensor y,
-                                          std::optional<torch::Tensor> scale,
-                                          torch::Tensor w, torch::Tensor b,
-                                          double eps) {
-  const int64_t C = x.size(-1);
-  TORCH_CHECK(x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat
-                  && x.is_contiguous() && y.is_contiguous() &&
-                  x.sizes() == y.sizes() && x.dim() >= 2 && C > 0 &&
-                  C % 16 == 0,
-              "add_layer_norm: x and y must be contiguous float32 tensors of "
-              "one shape (N, ..., C), C a positive multiple of 16");
-  TORCH_CHECK(w.is_contiguous() && b.is_contiguous() && w.numel() == C &&
-                  b.numel() == C && w.scalar_type() == at::kFloat &&
-                  b.scalar_type() == at::kFloat,
-              "add_layer_norm: weight and bias must be contiguous float32 (C,)");
-  const int64_t rows = x.numel() / C, N = x.size(0);
-  if (scale)
-    TORCH_CHECK(scale->is_contiguous() && scale->numel() == N &&
-                    scale->scalar_type() == at::kFloat,
-                "add_layer_norm: scale must be a contiguous float32 (N,)");
-  auto z = torch::empty_like(x), out = torch::empty_like(x);
-  auto mean = torch::empty({rows}, x.options());
-  auto rstd = torch::empty({rows}, x.options());
-  const int64_t per = N ? rows / N : 1;
-  const float* sp = scale ? scale->data_ptr<float>() : nullptr;
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    add_norm_rows(x.data_ptr<float>(), y.data_ptr<float>(), sp, per,
-                  w.data_ptr<float>(), b.data_ptr<float>(),
-                  static_cast<float>(eps), z.data_ptr<float>(),
-                  out.data_ptr<float>(), mean.data_ptr<float>(),
-                  rstd.data_ptr<float>(), C, r0, r1);
-  });
-  return {z, out, mean, rstd};
-}
-
-// Gradients of add_layer_norm from gz (of z; None: zero) and gn (of out):
-// -> dz (also the gradient of x), dy = scale dz (empty unless need_dy),
-// dw, db
-std::vector<torch::Tensor> add_layer_norm_backward(
-    std::optional<torch::Tensor> gz, torch::Tensor gn, torch::Tensor z,
-    torch::Tensor mean, torch::Tensor rstd, torch::Tensor w,
-    std::optional<torch::Tensor> scale, bool need_dy) {
-  const int64_t C = z.size(-1), rows = z.numel() / C, N = z.size(0);
-  TORCH_CHECK(gn.is_contiguous() && gn.sizes() == z.sizes() &&
-                  gn.scalar_type() == at::kFloat &&
-                  (!gz || (gz->is_contiguous() && gz->sizes() == z.sizes() &&
-                           gz->scalar_type() == at::kFloat)),
-              "add_layer_norm_backward: gz and gn must be contiguous float32 "
-              "tensors shaped like z");
-  TORCH_CHECK(C > 0 && C % 16 == 0 && z.is_contiguous() &&
-                  mean.numel() == rows && rstd.numel() == rows &&
-                  w.numel() == C && (!scale || scale->numel() == N),
-              "add_layer_norm_backward: z, mean, rstd, weight and scale must "
-              "be those of add_layer_norm");
-  auto dz = torch::empty_like(z);
-  auto dy = need_dy ? torch::empty_like(z) : torch::empty({0}, z.options());
-  const int64_t per = N ? rows / N : 1;
-  const float* sp = scale ? scale->data_ptr<float>() : nullptr;
-  const float* gzp = gz ? gz->data_ptr<float>() : nullptr;
-  auto sums = thread_sums(rows, 16, {2, C}, z.options(),
-                          [&](float* acc, int64_t r0, int64_t r1) {
-    add_norm_grad_rows(gzp, gn.data_ptr<float>(), z.data_ptr<float>(),
-                       mean.data_ptr<float>(), rstd.data_ptr<float>(),
-                       w.data_ptr<float>(), sp, per, dz.data_ptr<float>(),
-                       need_dy ? dy.data_ptr<float>() : nullptr, acc,
-                       acc + C, C, r0, r1);
-  });
-  return {dz, dy, sums[0], sums[1]};
-}
-
-// -> out (N, L, h, dv), lse (N, h, L) float32. Without add_to, out is a
-// fresh contiguous tensor; with it (a float32 (N, L, h, dv) view with a unit
-// last stride, e.g. of the LePE output) the attention is added to what it
-// holds and it is returned.
+// -> out (N, L, h, dv) (a fresh contiguous tensor), lse (N, h, L) float32.
 std::vector<torch::Tensor> bra_forward(torch::Tensor q, torch::Tensor k,
                                        torch::Tensor v, torch::Tensor idx,
                                        int64_t H, int64_t W, int64_t nw,
-                                       double scale, bool need_lse,
-                                       std::optional<torch::Tensor> add_to) {
+                                       double scale, bool need_lse) {
   check_bra_inputs(q, k, v, idx, H, W, nw);
   const int64_t N = q.size(0), L = q.size(1), nh = q.size(2), d = q.size(3);
   const int64_t dv = v.size(3), R = nw * nw;
-  if (add_to)
-    TORCH_CHECK(add_to->sizes() == v.sizes() && add_to->stride(3) == 1 &&
-                    add_to->scalar_type() == at::kFloat,
-                "bra_forward: add_to must be a float32 (N, L, h, dv) view "
-                "with a unit last stride");
-  auto out = add_to ? *add_to : torch::empty({N, L, nh, dv}, q.options());
+  auto out = torch::empty({N, L, nh, dv}, q.options());
   auto lse = need_lse ? torch::empty({N, nh, L}, q.options())
                       : torch::empty({0}, q.options());
   const View4 none{nullptr, 0, 0, 0};
@@ -1021,7 +741,7 @@ std::vector<torch::Tensor> bra_forward(torch::Tensor q, torch::Tensor k,
     kg = dst;
   }
   const BraArgs a{view4(q), view4(k), view4(v), view4(out), none, none, none,
-                  none, none, kg, add_to.has_value(),
+                  none, kg,
                   need_lse ? lse.data_ptr<float>() : nullptr,
                   idx.data_ptr<int64_t>(),
                   geom, L, nh, d,
@@ -1033,15 +753,12 @@ std::vector<torch::Tensor> bra_forward(torch::Tensor q, torch::Tensor k,
 }
 
 // Writes dq, dk (N, L, h, d) and dv (N, L, h, dv): views with a unit last
-// stride (e.g. slices of one qkv-shaped gradient), overwritten; with
-// dv_base (a view shaped like v), dv = dv_base + the attention's dv (e.g.
-// the LePE's gradient plus the attention's). Needs the forward's lse, not
-// its output.
+// stride (e.g. slices of one qkv-shaped gradient), overwritten. Needs the
+// forward's lse, not its output.
 void bra_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k,
                   torch::Tensor v, torch::Tensor lse, torch::Tensor idx,
                   int64_t H, int64_t W, int64_t nw, double scale,
-                  torch::Tensor dq, torch::Tensor dk, torch::Tensor dv,
-                  std::optional<torch::Tensor> dv_base) {
+                  torch::Tensor dq, torch::Tensor dk, torch::Tensor dv) {
   check_bra_inputs(q, k, v, idx, H, W, nw);
   TORCH_CHECK(grad_out.sizes() == v.sizes() && grad_out.stride(3) == 1 &&
                   grad_out.scalar_type() == at::kFloat &&
@@ -1059,16 +776,11 @@ void bra_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k,
               "k, v with a unit last stride");
   const int64_t N = q.size(0), L = q.size(1), nh = q.size(2), d = q.size(3);
   const int64_t dvd = v.size(3), R = nw * nw;
-  if (dv_base)
-    TORCH_CHECK(dv_base->sizes() == v.sizes() && dv_base->stride(3) == 1 &&
-                    dv_base->scalar_type() == at::kFloat,
-                "bra_backward: dv_base must be a float32 (N, L, h, dv) view "
-                "with a unit last stride");
   const View4 none{nullptr, 0, 0, 0};
   const GeomTables tables(W, nw, H / nw, W / nw);
   const BraArgs a{view4(q), view4(k), view4(v), none, view4(grad_out),
                   view4(dq), view4(dk), view4(dv),
-                  dv_base ? view4(*dv_base) : none, nullptr, false,
+                  nullptr,
                   lse.data_ptr<float>(),
                   idx.data_ptr<int64_t>(),
                   tables.geom(H, W, nw, idx.size(2)), L, nh, d,
@@ -1079,50 +791,15 @@ void bra_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k,
 }
 
 
-// x, g: (N, H, W, C) float32, unit channel stride -> (C, 1, k, k)
-torch::Tensor dwconv_weight_grad(torch::Tensor x, torch::Tensor g,
-                                 int64_t k) {
-  TORCH_CHECK(x.dim() == 4 && g.sizes() == x.sizes(),
-              "dwconv_weight_grad: x and g must be (N, H, W, C) of one shape");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && g.scalar_type() == at::kFloat,
-              "dwconv_weight_grad: float32 only");
-  TORCH_CHECK(x.stride(3) == 1 && g.stride(3) == 1,
-              "dwconv_weight_grad: channels must be the innermost dim");
-  TORCH_CHECK(k % 2 == 1, "dwconv_weight_grad: odd kernel sizes only");
-  const int64_t N = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
-  const int64_t kk = k * k;
-  const View4 xv = view4(x), gv = view4(g);
-  auto sums = thread_sums(N * H, 1, {kk, C}, x.options(),
-                          [&](float* acc, int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
-      dw_grad_row(xv, gv, acc, r / H, r % H, H, W, C, k);
-  });
-  return sums.t().reshape({C, 1, k, k}).contiguous();
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("dwconv_weight_grad", &dwconv_weight_grad,
-        "weight gradient of a stride-1 'same' depthwise conv (NHWC)");
-  m.def("add_layer_norm", &add_layer_norm,
-        "z = x + scale * y and layer_norm(z) in one pass (z, out, mean, rstd)",
-        py::arg("x"), py::arg("y"), py::arg("scale"), py::arg("weight"),
-        py::arg("bias"), py::arg("eps"));
-  m.def("add_layer_norm_backward", &add_layer_norm_backward,
-        "gradients of add_layer_norm (dz, dy, dweight, dbias)",
-        py::arg("gz"), py::arg("gn"), py::arg("z"), py::arg("mean"),
-        py::arg("rstd"), py::arg("weight"), py::arg("scale"),
-        py::arg("need_dy"));
-  m.def("gelu_grad", &gelu_grad,
-        "GELU recomputed and its backward applied in place, one pass");
   m.def("bra_forward", &bra_forward,
         "bi-level routing attention, token order (out, lse)", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("idx"), py::arg("H"),
-        py::arg("W"), py::arg("nw"), py::arg("scale"), py::arg("need_lse"),
-        py::arg("add_to") = py::none());
+        py::arg("W"), py::arg("nw"), py::arg("scale"), py::arg("need_lse"));
   m.def("bra_backward", &bra_backward,
         "gradients of bra_forward, written into the given dq, dk, dv",
         py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("lse"), py::arg("idx"), py::arg("H"), py::arg("W"),
         py::arg("nw"), py::arg("scale"), py::arg("dq"), py::arg("dk"),
-        py::arg("dv"), py::arg("dv_base") = py::none());
+        py::arg("dv"));
 }
