@@ -146,7 +146,7 @@ def test_stock_flop_counter_counts_fused_ops():
     from mmengine.analysis import get_model_complexity_info
 
     from mmbiformer.models import flop_analysis
-    model = BiFormer(arch=MINI, attn_backend='fused').eval()
+    model = BiFormer(arch=MINI, attn_backend='torch').eval()
     stock = get_model_complexity_info(
         model, input_shape=(3, 224, 224), show_table=False,
         show_arch=False)['flops']

@@ -1,24 +1,26 @@
-"""The built-in demo: train and evaluate one BiFormer-T-sized model per task
-on the built-in data, with the real configs and the real tools.
+"""The built-in demo: the real workflow, in minutes, on the built-in data.
 
     python tools/demo.py                   # all three tasks (make demo)
-    python tools/demo.py --tasks seg       # one task
-    python tools/demo.py --print-options CONFIG   # the overrides only
+    python tools/demo.py --tasks cls det   # some of them
+    python tools/demo.py --print-options CONFIG   # data overrides only
 
 Steps:
 
 1. ``tools/dataset_converters/make_demo_data.py`` writes the data under
    ``data/demo`` unless it is already there;
-2. per task, ``tools/train.py`` trains the task's real config with
-   ``--cfg-options`` that change only the data root, image size and
-   schedule length (see :mod:`mmbiformer.apis.demo`), the batch size (a CPU
-   needs a smaller one to take enough optimizer steps in minutes) and the
-   model size (BiFormer-T);
-3. ``tools/test.py`` evaluates the last checkpoint; the metrics are printed.
-
-No downloaded weights: classification trains from scratch and its
-checkpoint is then the "ImageNet" initialisation (``init_cfg``) of the
-detection and segmentation backbones, as in the real pipeline.
+2. classification: ``tools/train.py`` trains BiFormer-T with the real
+   ImageNet config and the demo schedule
+   (:data:`mmbiformer.apis.demo.DEMO_SCHEDULE`, the one place that says
+   what the demo changes); the merged config is written next to the run
+   (``work_dirs/demo/<task>/<config>_demo.py``);
+3. detection (Mask R-CNN) and segmentation (Semantic FPN): their backbones
+   start from that classifier's checkpoint through
+   ``init_cfg=dict(type='Pretrained', ...)`` and are fine-tuned;
+4. ``tools/test.py`` evaluates each last checkpoint on the validation
+   split (images not seen in training); each metric is printed next to
+   its chance level;
+5. ``tools/infer.py`` draws one validation picture per task with the
+   trained model; the paths are printed.
 """
 import argparse
 import json
@@ -38,55 +40,16 @@ sys.path.insert(0, osp.join(REPO, 'tools', 'dataset_converters'))
 
 import make_demo_data  # noqa: E402
 
-# What each task trains: config, loop length (epochs or iterations), image
-# size, batch size, and the metrics to report.
-TASKS = dict(
-    cls=dict(
-        config='configs/classification/biformer_t_in1k.py',
-        length=2, img_size=112, batch_size=16,
-        metrics=[('accuracy/top1', 'top-1 (%)'),
-                 ('accuracy/top5', 'top-5 (%)')]),
-    det=dict(
-        config='configs/detection/maskrcnn_biformer_s_coco.py',
-        length=1, img_size=128, batch_size=2,
-        # half of the training images: 50 iterations (a Mask R-CNN step is
-        # the most expensive of the three on a CPU)
-        extra=['train_dataloader.dataset.indices=100'], n_train=100,
-        metrics=[('coco/bbox_mAP', 'box mAP'),
-                 ('coco/segm_mAP', 'mask mAP'),
-                 ('coco/bbox_mAP_50', 'box AP50')]),
-    seg=dict(
-        config='configs/segmentation/semfpn_biformer_s_ade20k.py',
-        length=200, img_size=64, batch_size=4,
-        metrics=[('mIoU', 'mIoU (%)'), ('aAcc', 'pixel acc (%)')]),
-)
 NAMES = dict(cls='classification', det='detection', seg='segmentation')
+MODELS = dict(cls='BiFormer-T classifier', det='Mask R-CNN, BiFormer-T',
+              seg='Semantic FPN, BiFormer-T')
 PROGRESS = re.compile(r'(Epoch|Iter)\((train|val|test)\)|Saving checkpoint|'
-                      r'Error|error:|Traceback')
-
-
-def task_options(task, root, init_ckpt=None):
-    """The ``--cfg-options`` list of a task's demo run."""
-    from mmbiformer.apis import builtin_data_options, load_config
-    spec = TASKS[task]
-    cfg = load_config(osp.join(REPO, spec['config']))
-    opts = builtin_data_options(
-        cfg, root=root, img_size=spec['img_size'], length=spec['length'],
-        batch_size=spec['batch_size'], workers=2,
-        n_train=spec.get('n_train'))
-    opts += ['model.backbone.arch=tiny', 'randomness.seed=0',
-             # evaluation by tools/test.py only (not twice)
-             f'train_cfg.val_interval={spec["length"] + 1}']
-    opts += spec.get('extra', [])
-    if task != 'cls':
-        opts.append('model.backbone.init_cfg.checkpoint=' + init_ckpt
-                    if init_ckpt else 'model.backbone.init_cfg=None')
-    return opts
+                      r'Error|error:|Traceback|\[infer\]|tensors loaded')
 
 
 def stream(cmd, log_file, prefix):
     """Run ``cmd``; keep its full output in ``log_file`` and show progress
-    lines."""
+    lines (mmengine's iteration logs)."""
     env = dict(os.environ, PYTHONWARNINGS='ignore')
     env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
     with open(log_file, 'w') as log:
@@ -101,7 +64,9 @@ def stream(cmd, log_file, prefix):
             if PROGRESS.search(line) or line.startswith('[mmbiformer]'):
                 text = re.sub(r'^\d+/\d+ [\d:]+ - mmengine - \w+ - ', '',
                               line.rstrip())
-                print(f'  {prefix} {text[:160]}', flush=True)
+                text = re.sub(r'\s+(time|data_time|memory): [\d.]+', '',
+                              text)
+                print(f'  {prefix} {text[:150]}', flush=True)
         proc.wait()
     if proc.returncode:
         sys.stdout.write(''.join(tail))
@@ -114,53 +79,91 @@ def last_checkpoint(work_dir):
         return f.read().strip()
 
 
+def rel(path):
+    return osp.relpath(path, REPO)
+
+
 def run_task(task, args, init_ckpt=None):
-    spec = TASKS[task]
+    from mmbiformer.apis.demo import DEMO_SCHEDULE, demo_config
+
+    spec = DEMO_SCHEDULE[task]
     work_dir = osp.join(args.work_dir, task)
     os.makedirs(work_dir, exist_ok=True)
-    opts = task_options(task, args.root, init_ckpt)
+    cfg = demo_config(task, args.root, init_ckpt, repo=REPO)
+    config = osp.join(work_dir, osp.splitext(osp.basename(
+        spec['config']))[0] + '_demo.py')
+    cfg.dump(config)
     py = sys.executable
+    length = (f'{spec["epochs"]} epochs' if 'epochs' in spec else
+              f'{spec["iters"]} iterations')
+    init = f', backbone from {rel(init_ckpt)}' if init_ckpt else \
+        ', from scratch'
+    print(f'[{task}] training {MODELS[task]} ({spec["config"]} + the demo '
+          f'schedule: {length}, batch {spec["batch_size"]}, '
+          f'{spec["img_size"]} px{init})', flush=True)
     t0 = time.time()
-    print(f'[{task}] training {spec["config"]} (BiFormer-T) on '
-          f'{osp.join(args.root, make_demo_data.TASKS[task][0])}',
-          flush=True)
-    stream([py, 'tools/train.py', spec['config'], '--work-dir', work_dir,
-            '--cfg-options', *opts],
+    stream([py, 'tools/train.py', rel(config), '--work-dir', rel(work_dir)],
            osp.join(work_dir, 'demo_train.log'), f'[{task}]')
     ckpt = last_checkpoint(work_dir)
     t1 = time.time()
-    print(f'[{task}] evaluating {osp.relpath(ckpt, REPO)}', flush=True)
+    print(f'[{task}] evaluating {rel(ckpt)} on the validation split',
+          flush=True)
     metrics_file = osp.join(work_dir, 'metrics.json')
-    stream([py, 'tools/test.py', spec['config'], ckpt, '--work-dir',
-            osp.join(work_dir, 'test'), '--metrics-out', metrics_file,
-            '--cfg-options', *opts],
+    stream([py, 'tools/test.py', rel(config), rel(ckpt), '--work-dir',
+            rel(osp.join(work_dir, 'test')), '--metrics-out',
+            rel(metrics_file)],
            osp.join(work_dir, 'demo_test.log'), f'[{task}]')
     with open(metrics_file) as f:
         metrics = json.load(f)
-    return dict(metrics=metrics, ckpt=ckpt, train_s=t1 - t0,
-                test_s=time.time() - t1)
+    return dict(metrics=metrics, ckpt=ckpt, config=config,
+                train_s=t1 - t0, test_s=time.time() - t1)
 
 
-def metric_line(task, result):
-    parts = []
-    for key, label in TASKS[task]['metrics']:
-        if key in result['metrics']:
-            v = result['metrics'][key]
-            parts.append(f'{label} {v:.2f}' if '%' in label else
-                         f'{label} {v:.3f}')
-    return (f'{NAMES[task]:<14} {", ".join(parts)}   '
-            f'(train {result["train_s"]:.0f}s, test {result["test_s"]:.0f}s)')
+def draw_one(task, result, args):
+    """``tools/infer.py`` on one validation image; the picture's path."""
+    from mmbiformer.apis.demo import validation_image
+
+    image = validation_image(args.root, task)
+    out_dir = osp.join(args.work_dir, task, 'infer')
+    cmd = [sys.executable, 'tools/infer.py', rel(image), rel(result['config']),
+           rel(result['ckpt']), '--out-dir', rel(out_dir), '--device', 'cpu']
+    log = osp.join(args.work_dir, task, 'demo_infer.log')
+    stream(cmd, log, f'[{task}]')
+    with open(log) as f:
+        written = re.findall(r'\[infer\] wrote (.+)', f.read())
+    return written[-1].strip() if written else None
+
+
+def metric_lines(task, result, chance):
+    m = result['metrics']
+    if task == 'cls':
+        return [f'top-1 {m["accuracy/top1"]:5.1f} %   (chance '
+                f'{chance["top1"]:.1f} %: {chance["n_classes"]} classes)']
+    if task == 'det':
+        return [f'box mAP  {m["coco/bbox_mAP"]:.3f}   (chance '
+                f'{chance["bbox_mAP"]:.3f}: random boxes of the training '
+                'sizes and classes)',
+                f'mask mAP {m["coco/segm_mAP"]:.3f}   (box AP50 '
+                f'{m["coco/bbox_mAP_50"]:.3f}, mask AP50 '
+                f'{m["coco/segm_mAP_50"]:.3f})']
+    return [f'mIoU {m["mIoU"]:5.1f} %   (baseline {chance["mIoU"]:.1f} %: '
+            f'every pixel labelled "{chance["majority"]}", the most '
+            'frequent class)',
+            f'pixel accuracy {m["aAcc"]:5.1f} %   (baseline '
+            f'{chance["aAcc"]:.1f} %)']
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--tasks', nargs='+', default=list(TASKS),
-                   choices=list(TASKS))
+    p.add_argument('--tasks', nargs='+', default=list(NAMES),
+                   choices=list(NAMES))
     p.add_argument('--root', default='data/demo', help='built-in data root')
     p.add_argument('--work-dir', default='work_dirs/demo')
     p.add_argument('--init-from', help='backbone checkpoint for det/seg '
                    '(default: the classification run of this demo if it '
-                   'ran, else none)')
+                   'ran, else the one of an earlier demo run if any)')
+    p.add_argument('--no-draw', action='store_true',
+                   help='skip drawing the validation pictures')
     p.add_argument('--print-options', metavar='CONFIG',
                    help='print the --cfg-options that run CONFIG on the '
                    'built-in data and exit')
@@ -178,25 +181,40 @@ def main(argv=None):
         print(' '.join(shlex.quote(o) for o in builtin_data_options(
             cfg, root=args.root, length=args.length)))
         return 0
+    from mmbiformer.apis.demo import chance_levels
+
     t0 = time.time()
     make_demo_data.make(args.root, tasks=args.tasks)
     results, init = {}, args.init_from
+    if init is None and 'cls' not in args.tasks:
+        prev = osp.join(args.work_dir, 'cls', 'last_checkpoint')
+        if osp.exists(prev):
+            init = last_checkpoint(osp.dirname(prev))
     for task in ('cls', 'det', 'seg'):
         if task not in args.tasks:
             continue
         results[task] = run_task(task, args, init)
-        if task == 'cls' and init is None:
+        if task == 'cls' and args.init_from is None:
             init = results[task]['ckpt']
-    print('\n=== BiFormer demo on the built-in data '
-          f'({time.time() - t0:.0f}s in all) ===')
+    pictures = {}
+    if not args.no_draw:
+        for task, result in results.items():
+            pictures[task] = draw_one(task, result, args)
+    chance = chance_levels(args.root, list(results))
+    print('\n=== BiFormer demo on the built-in data: validation images, '
+          f'not seen in training ({time.time() - t0:.0f} s in all) ===')
     for task, result in results.items():
-        print(metric_line(task, result))
-    if 'cls' in results:
-        n_cls = len(make_demo_data.SHAPES)
-        print(f'(chance: top-1 {100 / n_cls:.1f} % for the {n_cls} built-in '
-              'classes. Minutes of CPU training from scratch show the '
-              'pipeline end to end; the classifier and the detector need '
-              'far longer schedules to learn, see configs/README.md)')
+        lines = metric_lines(task, result, chance[task])
+        print(f'{NAMES[task]:<15}{lines[0]}')
+        for line in lines[1:]:
+            print(f'{"":<15}{line}')
+        print(f'{"":<15}(train {result["train_s"]:.0f} s, test '
+              f'{result["test_s"]:.0f} s; {MODELS[task]}; '
+              f'config {rel(result["config"])})')
+    if pictures:
+        print('Predictions drawn on a validation image by tools/infer.py:')
+        for task, path in pictures.items():
+            print(f'  {NAMES[task]:<15}{path}')
     return 0
 
 

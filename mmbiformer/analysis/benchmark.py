@@ -65,6 +65,8 @@ class BenchmarkResult:
     optimizer: Optional[str] = None
     #: autocast dtype (see AMP_DTYPES), None for float32
     amp: Optional[str] = None
+    #: whether the backbone ran through torch.compile
+    compiled: bool = False
     #: torch.profiler table of one extra step (``profile_rows > 0``)
     profile: Optional[str] = None
 
@@ -114,11 +116,27 @@ def resolve_config_path(path: str) -> str:
     return full
 
 
+def cpu_model() -> str:
+    """The CPU's model name and torch's capability level, e.g. ``'AMD EPYC
+    (avx512)'``: every CPU figure should say which processor gave it."""
+    import platform
+    name = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    name = line.split(':', 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    level = torch.backends.cpu.get_cpu_capability().lower()
+    return f'{name} ({level})'
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == 'cuda':
         return torch.cuda.get_device_name(device)
-    import platform
-    return f'cpu ({platform.processor() or platform.machine()})'
+    return f'cpu: {cpu_model()}'
 
 
 def _rss_mb() -> float:
@@ -207,8 +225,12 @@ def run_benchmark(target: str,
                   device: Optional[str] = None,
                   profile_rows: int = 0,
                   optimizer: str = 'adamw',
-                  amp: Optional[str] = None) -> BenchmarkResult:
+                  amp: Optional[str] = None,
+                  compile: bool = False) -> BenchmarkResult:
     """Measure one config in one mode; see the module docstring.
+
+    With ``compile=True`` the backbone runs through ``torch.compile``
+    (inductor, compiled during the warm-up iterations).
 
     With ``profile_rows > 0`` one more step runs under
     ``torch.profiler`` after the timed ones, and the result's ``profile``
@@ -232,6 +254,9 @@ def run_benchmark(target: str,
     base_rss = _rss_mb()
     scope, model = _build(path, overrides)
     model = model.to(dev)
+    if compile:
+        model.backbone = torch.compile(model.backbone)
+        warmup = max(warmup, 1)
     data = _synthetic_batch(scope, batch, img_size, _num_classes(model))
 
     autocast = (lambda: torch.autocast(dev.type, dtype=AMP_DTYPES[amp])
@@ -318,6 +343,7 @@ def run_benchmark(target: str,
         threads=torch.get_num_threads(),
         optimizer=optimizer if mode == 'train' else None,
         amp=amp,
+        compiled=compile,
         profile=table)
 
 

@@ -9,10 +9,10 @@ Used by ``tools/deployment/export.py``. Two kinds of export:
   ``auto_pad=True`` (set on the backbone here): while exporting, every
   routing attention pads its map to the region grid and crops back
   unconditionally (possibly by zero), so the graph holds no branch on the
-  input size. The ``'fused'`` backend (what ``'auto'`` picks on the CPU)
-  sizes its chunks from the input shape, which would specialise the graph,
-  so dynamic exports use the ``'gather'`` backend (the same function, see
-  :mod:`mmbiformer.ops.functional`) unless another one is asked for.
+  input size. The attention is one node of the registered operator
+  (``mmbiformer::bra_forward``), whose fake implementation handles symbolic
+  sizes; loading a saved program needs ``import mmbiformer`` first, which
+  registers it.
 
   ``torch.export`` specialises a size of 1 (a region of one token per side
   has other strides), so the exported program accepts inputs whose every
@@ -26,7 +26,9 @@ Used by ``tools/deployment/export.py``. Two kinds of export:
 
 ONNX export goes through ``torch.onnx.export(..., dynamo=True)`` and needs
 the ``onnx`` and ``onnxscript`` packages; verification uses
-``onnxruntime``.
+``onnxruntime``. ONNX has no BRA operator, so ONNX exports take the
+``'official'`` backend (plain torch ops, the same function) unless another
+is asked for.
 """
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -47,16 +49,16 @@ INPUT_NAME = 'input'
 
 def prepare_for_export(backbone: nn.Module,
                        dynamic: bool = False,
-                       backend: Optional[str] = None) -> Dict[str, object]:
+                       backend: Optional[str] = None,
+                       fmt: str = 'torch') -> Dict[str, object]:
     """Put ``backbone`` in eval mode and choose its export settings.
 
     Args:
         backbone: a :class:`~.BiFormer`.
-        dynamic: prepare for a dynamic-shape export: turn on ``auto_pad``
-            and, unless ``backend`` is given, use the ``'gather'`` backend
-            when the current one is ``'auto'`` or ``'fused'``.
+        dynamic: prepare for a dynamic-shape export: turn on ``auto_pad``.
         backend: attention backend to export with (default: keep the
-            backbone's, except as above).
+            backbone's; for ONNX one of plain torch ops, ``'official'``).
+        fmt: ``'torch'`` (``torch.export``) or ``'onnx'``.
 
     Returns:
         dict: what was changed (``auto_pad``, ``backend``: new values or
@@ -75,8 +77,9 @@ def prepare_for_export(backbone: nn.Module,
             backbone.auto_pad = True
         changed['auto_pad'] = True
     current = attns[0].backend if attns else None
-    if backend is None and dynamic and current in ('auto', 'fused'):
-        backend = 'gather'
+    if backend is None and fmt == 'onnx' and \
+            current not in ('official', 'reference'):
+        backend = 'official'
     if backend is not None and attns and backend != current:
         backbone.attn_backend = backend
         changed['backend'] = backend

@@ -158,8 +158,10 @@ def test_every_backend_gives_the_same_output(mini_state, backend):
 
 def test_attn_backend_setter(mini_state):
     model = BiFormer(arch=MINI, attn_backend='official')
-    model.attn_backend = 'gather'
-    assert {m.backend for m in model.routing_attentions()} == {'gather'}
+    model.attn_backend = 'torch'
+    assert {m.backend for m in model.routing_attentions()} == {'torch'}
+    with pytest.raises(ValueError, match="'gather' was merged into 'torch'"):
+        model.attn_backend = 'gather'
     assert len(model.routing_attentions()) == 4  # stages 1-3 only
 
 
@@ -172,7 +174,7 @@ def test_with_cp_same_gradients(mini_state):
             arch=MINI,
             out_indices=(0, 1, 2, 3),
             with_cp=with_cp,
-            attn_backend='gather')
+            attn_backend='torch')
         model.load_state_dict(mini_state)
         model.train()
         sum(o.sum() for o in model(x.clone().requires_grad_())).backward()
@@ -198,53 +200,3 @@ def test_frozen_stages_and_norm_eval():
     assert model.stages[3][0].norm1.training
 
 
-@pytest.mark.parametrize('backend', ['auto', 'gather', 'fused', 'official'])
-@pytest.mark.parametrize('pattern', ['some-dropped', 'all-dropped',
-                                     'none-dropped'])
-def test_drop_path_runs_a_branch_for_the_kept_samples_only(
-        monkeypatch, pattern, backend):
-    """Training with drop path: a branch runs for the samples it keeps and
-    the result (output, input and parameter gradients) is that of running
-    it for the whole batch and multiplying by the drop-path factors, with
-    every attention backend (all dropped: an empty batch)."""
-    from mmbiformer.models import layers
-    keep = {'some-dropped': [1., 0., 1., 1., 0., 1.],
-            'all-dropped': [0.] * 6, 'none-dropped': [1.] * 6}[pattern]
-
-    def fixed_scale(self, x):
-        factors = torch.tensor(keep) / (1. - self.drop_prob)
-        return factors.view((-1, ) + (1, ) * (x.ndim - 1))
-
-    monkeypatch.setattr(layers.DropPath, 'sample_scale', fixed_scale)
-    torch.manual_seed(0)
-    model = BiFormer(arch=MINI, drop_path_rate=0.4,
-                     attn_backend=backend).train()
-    blocks = [b for stage in model.stages for b in stage]
-    x = torch.randn(6, 3, 112, 112)
-    seen = []  # batch sizes the attention of blocks 1-4 (drop path) saw
-    for block in blocks[1:]:
-        block.attn.register_forward_pre_hook(
-            lambda m, args: seen.append(args[0].shape[0]))
-
-    def run():
-        model.zero_grad()
-        inp = x.clone().requires_grad_()
-        out = model(inp)
-        sum(o.square().mean() for o in out).backward()
-        return out, inp.grad, {n: p.grad for n, p in
-                               model.named_parameters()}
-
-    out, gx, grads = run()
-    # all dropped: an empty batch, so that every parameter gets a gradient
-    assert seen == [int(sum(keep))] * 4
-    seen.clear()
-    monkeypatch.setattr(layers, 'kept_samples', lambda scale: None)
-    out_ref, gx_ref, grads_ref = run()
-    assert seen == [6] * 4  # the whole batch, times the factors
-    for a, b in zip(out, out_ref):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(gx, gx_ref, atol=1e-5, rtol=1e-4)
-    for name, g in grads.items():
-        assert g is not None, name
-        torch.testing.assert_close(g, grads_ref[name], atol=1e-5, rtol=1e-4,
-                                   msg=name)

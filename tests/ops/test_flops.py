@@ -36,7 +36,7 @@ def traced_matmul_flops(module, x):
     return total
 
 
-@pytest.mark.parametrize('backend', ['gather', 'fused'])
+@pytest.mark.parametrize('backend', ['torch', 'auto'])
 def test_backends_count_official_flops(backend):
     torch.manual_seed(0)
     m = BiLevelRoutingAttention(32, num_heads=4, n_win=3, topk=2,

@@ -12,7 +12,10 @@ import sys
 import pytest
 import torch
 
-from mmbiformer.ops import BiLevelRoutingAttention, bra_attention
+from mmbiformer.ops import BiLevelRoutingAttention
+from mmbiformer.ops.bra import bra_forward
+
+from .helpers import fwd_bwd, make_maps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -52,45 +55,25 @@ def test_in_fresh_process():
         cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-# (batch, heads, regions, tokens per region, topk, d, dv, masked)
+# (n, heads, n_win, rh, rw, topk, d, dv, masked)
 CASES = [
-    (1, 2, 4, 3, 2, 8, 8, True),     # 1x3 regions, masked keys
-    (2, 1, 4, 20, 4, 16, 16, False),  # 4x5 regions: several key tiles
-    (1, 1, 1, 70, 1, 32, 16, False),  # several query blocks, dv != d
-    (1, 3, 9, 1, 9, 4, 4, True),      # 1x1 regions, topk = all
+    (1, 2, 2, 1, 3, 2, 8, 8, True),      # 1x3 regions, masked keys
+    (2, 1, 2, 4, 5, 4, 16, 16, False),   # 4x5 regions: several key tiles
+    (1, 1, 1, 7, 10, 1, 32, 16, False),  # several query blocks, dv != d
+    (1, 3, 3, 1, 1, 9, 4, 4, True),      # 1x1 regions, topk = all
 ]
 
 
 def make(case, dtype=torch.float32, seed=0):
-    b, h, r, t, topk, d, dv, masked = case
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, h, r, t, d, generator=g)
-    k = torch.randn(b, h, r, t, d, generator=g)
-    v = torch.randn(b, h, r, t, dv, generator=g)
-    idx = torch.rand(b, r, r, generator=g).topk(topk, dim=-1).indices
-    km = None
-    if masked:
-        km = torch.rand(b, r, t, generator=g) > 0.3
-        km[..., 0] = True
-        km = km.to(DEVICE)
-    return ([x.to(DEVICE, dtype) for x in (q, k, v)], idx.to(DEVICE), km)
-
-
-def fwd_bwd(backend, qkv, idx, km, grad=None):
-    q, k, v = (x.detach().clone().requires_grad_() for x in qkv)
-    out = bra_attention(q, k, v, idx, scale=0.4, backend=backend,
-                        key_mask=km)
-    if grad is None:
-        grad = torch.randn_like(out)
-    out.backward(grad)
-    return [out, q.grad, k.grad, v.grad], grad
+    return make_maps(*case[:8], masked=case[8], dtype=dtype, device=DEVICE,
+                     seed=seed)
 
 
 def assert_triton_matches(case, oracle: str, atol: float) -> None:
     """float32 output and q/k/v gradients of `triton` equal `oracle`'s."""
-    qkv, idx, km = make(case)
-    ref, grad = fwd_bwd(oracle, qkv, idx, km)
-    got, _ = fwd_bwd('triton', qkv, idx, km, grad)
+    maps, graph = make(case)
+    ref, grad = fwd_bwd(maps, graph, case[1], oracle)
+    got, _ = fwd_bwd(maps, graph, case[1], 'triton', grad)
     for a, e in zip(got, ref):
         torch.testing.assert_close(a, e, atol=atol, rtol=1e-4)
 
@@ -104,9 +87,9 @@ def test_triton_matches_reference_fp32(case, backward_kernels):
 @needs_in_process
 @pytest.mark.parametrize('dtype,atol', [(torch.float16, 5e-3)])
 def test_triton_half(dtype, atol):
-    qkv, idx, km = make(CASES[1], dtype)
-    ref, grad = fwd_bwd('reference', [x.double() for x in qkv], idx, km)
-    got, _ = fwd_bwd('triton', qkv, idx, km, grad.to(dtype))
+    maps, graph = make(CASES[1], dtype)
+    ref, grad = fwd_bwd([x.double() for x in maps], graph, 1, 'reference')
+    got, _ = fwd_bwd(maps, graph, 1, 'triton', grad.to(dtype))
     for a, e in zip(got, ref):
         assert a.dtype == dtype
         torch.testing.assert_close(a.double(), e, atol=atol, rtol=2e-2)
@@ -125,13 +108,23 @@ def test_triton_module_backend():
 
 
 @needs_in_process
+@pytest.mark.parametrize('masked', [False, True])
+def test_opcheck_triton(masked):
+    maps, graph = make((1, 2, 2, 2, 3, 2, 16, 16, masked))
+    q, k, v = (t.detach().requires_grad_() for t in maps)
+    torch.library.opcheck(bra_forward, (q, k, v, graph.topk_index,
+                                        graph.key_valid, 2, 2, 0.4,
+                                        'triton'))
+
+
+@needs_in_process
 @pytest.mark.parametrize('hw,topk,qk_dim', [((4, 6), 2, None),
                                             ((5, 3), 4, 32)])
 def test_triton_token_order_matches_reference(hw, topk, qk_dim,
                                               backward_kernels):
-    """The module's token-order path (q/k/v read in place from the qkv
-    output, one qkv-shaped gradient): output and gradients of the input
-    and of every parameter equal the reference backend's."""
+    """The layer (q/k/v read in place from the qkv output): output and
+    gradients of the input and of every parameter equal the reference
+    backend's."""
     torch.manual_seed(0)
     m = BiLevelRoutingAttention(16, num_heads=2, n_win=2, topk=topk,
                                 qk_dim=qk_dim, auto_pad=True).to(DEVICE)
@@ -141,8 +134,7 @@ def test_triton_token_order_matches_reference(hw, topk, qk_dim,
         m.backend = backend
         m.zero_grad(set_to_none=True)
         xg = x.clone().requires_grad_()
-        y, info = m(xg, return_routing=True)
-        assert info['backend'] == backend
+        y = m(xg)
         y.backward(torch.cos(y.detach()))
         results.append([y, xg.grad] + [p.grad for p in m.parameters()])
     for a, e in zip(*results[::-1]):
@@ -165,10 +157,10 @@ def test_triton_empty_batch(pad_mode, backward_kernels):
 # (n_win 16, regions of 13 x 19 tokens): run on a GPU only, the
 # interpreter would take minutes
 STAGE_CASES = [
-    (2, 2, 49, 64, 1, 32, 32, False),    # stage 1 at 224: 8x8 regions
-    (2, 4, 49, 16, 4, 32, 32, False),    # stage 2
-    (2, 8, 49, 4, 16, 32, 32, False),    # stage 3: 2x2 regions
-    (1, 2, 256, 247, 1, 32, 32, True),   # stage 1 at 800x1216, padded
+    (2, 2, 7, 8, 8, 1, 32, 32, False),     # stage 1 at 224: 8x8 regions
+    (2, 4, 7, 4, 4, 4, 32, 32, False),     # stage 2
+    (2, 8, 7, 2, 2, 16, 32, 32, False),    # stage 3: 2x2 regions
+    (1, 2, 16, 13, 19, 1, 32, 32, True),   # stage 1 at 800x1216, padded
 ]
 on_gpu = pytest.mark.skipif(DEVICE != 'cuda', reason='needs CUDA (the '
                             'interpreter is too slow for these sizes)')
@@ -177,7 +169,7 @@ on_gpu = pytest.mark.skipif(DEVICE != 'cuda', reason='needs CUDA (the '
 @on_gpu
 @pytest.mark.parametrize('case', STAGE_CASES)
 def test_triton_stage_shapes_fp32(case, backward_kernels):
-    assert_triton_matches(case, 'gather', atol=2e-5)
+    assert_triton_matches(case, 'torch', atol=2e-5)
 
 
 @on_gpu
@@ -185,32 +177,33 @@ def test_triton_stage_shapes_fp32(case, backward_kernels):
 @pytest.mark.parametrize('case', STAGE_CASES[:3])
 def test_triton_stage_shapes_low_precision(case, dtype):
     """Half-precision kernels against the float32 result: errors of the
-    order of the inputs' rounding, and never worse than `gather` in the
+    order of the inputs' rounding, and never worse than `torch` in the
     same dtype by more than a small factor."""
-    qkv, idx, km = make(case)
-    ref, grad = fwd_bwd('gather', qkv, idx, km)
-    low = [x.to(dtype) for x in qkv]
-    got, _ = fwd_bwd('triton', low, idx, km, grad.to(dtype))
-    base, _ = fwd_bwd('gather', low, idx, km, grad.to(dtype))
+    maps, graph = make(case)
+    ref, grad = fwd_bwd(maps, graph, case[1], 'torch')
+    low = [x.to(dtype) for x in maps]
+    got, _ = fwd_bwd(low, graph, case[1], 'triton', grad.to(dtype))
+    base, _ = fwd_bwd(low, graph, case[1], 'torch', grad.to(dtype))
     for a, b, e in zip(got, base, ref):
         assert a.dtype == dtype and torch.isfinite(a).all()
         err = (a.float() - e).abs().max().item()
-        err_gather = (b.float() - e).abs().max().item()
-        assert err <= 2 * err_gather + 1e-2, (err, err_gather)
+        err_torch = (b.float() - e).abs().max().item()
+        assert err <= 2 * err_torch + 1e-2, (err, err_torch)
 
 
 @on_gpu
-def test_auto_is_triton_on_cuda_and_matches_gather():
+def test_auto_is_triton_on_cuda_and_matches_torch():
     torch.manual_seed(0)
     m = BiLevelRoutingAttention(64, num_heads=2, n_win=7, topk=4,
                                 auto_pad=True).to(DEVICE)
     x = torch.randn(2, 30, 44, 64, device=DEVICE, requires_grad=True)
-    y, info = m(x, return_routing=True)
-    assert info['backend'] == 'triton'
+    from mmbiformer.ops import implementation, triton_bra
+    assert implementation('cuda', 'auto', x, x, 2, None) is triton_bra
+    y = m(x)
     y.sum().backward()
     gx = x.grad.clone()
     x.grad = None
-    m.backend = 'gather'
+    m.backend = 'torch'
     y2 = m(x)
     y2.sum().backward()
     torch.testing.assert_close(y, y2, atol=2e-5, rtol=1e-4)
@@ -257,19 +250,15 @@ def test_deterministic_backward_is_bit_reproducible():
     """Under torch.use_deterministic_algorithms the attention's gradients
     are equal bit for bit from run to run (stage 3 at 224: every key region
     is routed to by many query regions)."""
-    from mmbiformer.ops.triton_bra import token_triton_attention
-    g = torch.Generator().manual_seed(0)
-    qkv = torch.randn(4, 14, 14, 768, generator=g).to(DEVICE)
-    idx = torch.rand(4, 49, 49, generator=g).topk(16, -1).indices.to(DEVICE)
-    grad = torch.randn(4, 14, 14, 256, generator=g).to(DEVICE)
+    maps, graph = make((4, 8, 7, 2, 2, 16, 32, 32, False))
+    grad = torch.randn(4, 14, 14, 256).to(DEVICE)
     state = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         grads = []
         for _ in range(3):
-            x = qkv.clone().requires_grad_()
-            token_triton_attention(x, idx, 7, 8, 256, 0.0625).backward(grad)
-            grads.append(x.grad)
+            got, _ = fwd_bwd(maps, graph, 8, 'triton', grad)
+            grads.append(torch.cat(got[1:], dim=-1))
     finally:
         torch.use_deterministic_algorithms(state)
     assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])

@@ -61,7 +61,7 @@ def test_bad_input_auto_pad_equals_explicit_padding_of_the_attention():
     region grid, run the attention, crop (the official behaviour)."""
     torch.manual_seed(0)
     attn = BiLevelRoutingAttention(64, num_heads=2, n_win=4, topk=3,
-                                   auto_pad=True, backend='gather').eval()
+                                   auto_pad=True, backend='torch').eval()
     x = torch.randn(2, 10, 13, 64)
     with torch.no_grad():
         out = attn(x)
@@ -209,8 +209,8 @@ BUILD_ERRORS = [
     (dict(arch=dict(MINI, topks=[1, 50, 16, -2]), n_win=7),
      r'topks\[1\]=50 .*n_win\*\*2=49.*use n_win >= 8'),
     (dict(arch=MINI, attn_backend='cuda'),
-     r"attn_backend='cuda' is not supported; choose one of \('reference', "
-     r"'official', 'gather', 'fused', 'triton', 'cpu', 'auto'\)"),
+     r"backend='cuda' is not supported; choose one of \('auto', 'cpu', "
+     r"'triton', 'torch', 'official', 'reference'\)"),
     (dict(arch=MINI, pad_mode='zeros'),
      r"pad_mode='zeros' is not supported; choose one of \('legacy', "
      r"'masked'\)"),

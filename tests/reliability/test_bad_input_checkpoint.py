@@ -9,7 +9,10 @@ import torch
 from mmengine.logging import MMLogger
 
 from mmbiformer.models import BiFormer
-from mmbiformer.models.checkpoint import CorruptCheckpointError
+from mmbiformer.models.checkpoint import (
+    ArchitectureMismatchError,
+    CorruptCheckpointError,
+)
 from mmbiformer.utils import UnsafeCheckpointError
 
 from .conftest import MINI, make_mini
@@ -156,7 +159,8 @@ def test_bad_input_checkpoint_with_pickled_code_is_refused(
 
 def test_bad_input_checkpoint_of_another_arch_reports_shape_mismatches(
         tmp_path, mini_state):
-    """A checkpoint of another width loads nothing silently: every
+    """A checkpoint of another width is an error naming both
+    architectures; with ``strict=False`` (a partial load) every
     mismatching tensor is listed."""
     path = str(tmp_path / 'other.pth')
     torch.save({'state_dict': {'backbone.' + k: v
@@ -164,6 +168,13 @@ def test_bad_input_checkpoint_of_another_arch_reports_shape_mismatches(
     wider = dict(MINI, embed_dims=[64, 64, 128, 256])
     model = BiFormer(arch=wider, out_indices=(0, 1, 2, 3),
                      init_cfg=dict(type='Pretrained', checkpoint=path))
+    with pytest.raises(ArchitectureMismatchError,
+                       match=r'other.pth.*embed_dims \[32, 64, 128, 256\]'
+                       r'.*embed_dims \[64, 64, 128, 256\]'):
+        model.init_weights()
+    model = BiFormer(arch=wider, out_indices=(0, 1, 2, 3),
+                     init_cfg=dict(type='Pretrained', checkpoint=path,
+                                   strict=False))
     model.init_weights()
     mismatched = model.checkpoint_report['shape_mismatch']
     assert any(m.startswith('stages.0.0.norm1.weight') for m in mismatched)

@@ -1,4 +1,5 @@
-"""tools/analysis/benchmark.py and mmbiformer.analysis.benchmark."""
+"""tools/analysis/benchmark.py, mmbiformer.analysis.benchmark and the
+experiment scripts of benchmarks/."""
 import json
 import os
 import os.path as osp
@@ -91,7 +92,7 @@ def test_bra_benchmark_dtype_and_in_process_flags():
     script = osp.join(REPO, 'tools', 'analysis', 'benchmark_bra.py')
     proc = subprocess.run(
         [sys.executable, script, '--shape', 's=1,14,14,32,1,7,4',
-         '--backends', 'gather', '--dtype', 'bfloat16', '--repeat', '1',
+         '--backends', 'torch', '--dtype', 'bfloat16', '--repeat', '1',
          '--json'], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads(proc.stdout.splitlines()[-1])
@@ -109,7 +110,7 @@ def test_triton_backward_ab_needs_cuda():
         pytest.skip('exercised on a GPU by running it')
     proc = subprocess.run(
         [sys.executable,
-         osp.join(REPO, 'tools', 'analysis', 'triton_backward_ab.py')],
+         osp.join(REPO, 'benchmarks', 'triton_backward_ab.py')],
         capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode != 0 and 'needs a CUDA device' in proc.stderr
 
@@ -120,17 +121,18 @@ def test_ab_train_step_cli(tmp_path):
     out = tmp_path / 'calls.txt'
     probe = tmp_path / 'ab_probe.py'
     probe.write_text(
-        'import mmbiformer.ops.linear as lin\n'
+        'import torch.nn.functional as F\n'
+        'GELU = F.gelu\n'
         f'OUT = {str(out)!r}\n'
-        'def patched(h, grad):\n'
+        'def patched(x, **kwargs):\n'
         '    open(OUT, "a").write("x")\n'
-        '    return lin.gelu_and_grad_torch_(h, grad)\n')
+        '    return GELU(x, **kwargs)\n')
     proc = subprocess.run(
         [sys.executable,
-         osp.join(REPO, 'tools', 'analysis', 'ab_train_step.py'),
+         osp.join(REPO, 'benchmarks', 'ab_train_step.py'),
          # no drop path: every block's MLP runs in every step
          TINY + '@model.backbone.drop_path_rate=0.0',
-         '--target', 'mmbiformer.ops.linear:gelu_and_grad_',
+         '--target', 'torch.nn.functional:gelu',
          '--replacement', 'ab_probe:patched', '--pairs', '1', '--warmup',
          '0', '--batch', '1', '--threads', '1'],
         capture_output=True, text=True, cwd=REPO, timeout=600,
@@ -139,28 +141,28 @@ def test_ab_train_step_cli(tmp_path):
     row = json.loads(proc.stdout.splitlines()[-1])
     assert row['pairs'] == 1 and row['median_ms_as_is'] > 0
     assert row['median_ms_patched'] > 0
-    # one patched step through every block's MLP backward (BiFormer-T:
-    # depths 2, 2, 8, 2)
-    assert len(out.read_text()) == 14
+    # one patched step through every GELU: the stem's and every block's
+    # MLP (BiFormer-T: depths 2, 2, 8, 2)
+    assert len(out.read_text()) == 1 + 14
 
 
 def test_ab_train_step_returning_a_constant(tmp_path):
     """--returning: the patched variant uses a function that returns the
-    constant (here: no drop-path subsets, whole-batch branches); a missing
+    constant (here: torch.compiler.is_exporting); a missing
     --replacement / --returning is refused."""
-    script = osp.join(REPO, 'tools', 'analysis', 'ab_train_step.py')
+    script = osp.join(REPO, 'benchmarks', 'ab_train_step.py')
     proc = subprocess.run(
         [sys.executable, script, TINY, '--target',
-         'mmbiformer.models.layers:kept_samples', '--returning', 'None',
+         'torch.compiler:is_exporting', '--returning', 'False',
          '--pairs', '1', '--warmup', '0', '--batch', '1', '--threads', '1'],
         capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads(proc.stdout.splitlines()[-1])
-    assert row['replacement'] == 'returning None'
+    assert row['replacement'] == 'returning False'
     assert row['median_ms_patched'] > 0
     proc = subprocess.run(
         [sys.executable, script, TINY, '--target',
-         'mmbiformer.models.layers:kept_samples'],
+         'torch.compiler:is_exporting'],
         capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 2
     assert 'one of the arguments --replacement --returning' in proc.stderr
@@ -171,7 +173,7 @@ def test_train_phases_cli():
     config's training step, the configs taking turns in one process."""
     proc = subprocess.run(
         [sys.executable,
-         osp.join(REPO, 'tools', 'analysis', 'train_phases.py'), TINY,
+         osp.join(REPO, 'benchmarks', 'train_phases.py'), TINY,
          TINY + '@model.backbone.attn_backend=official', '--steps', '2',
          '--warmup', '0', '--batch', '1', '--img-size', '112', '--threads',
          '1'],

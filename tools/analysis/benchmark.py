@@ -48,6 +48,9 @@ def parse_args(argv=None):
                    help='mixed precision (torch.autocast) for every config: '
                    "on CUDA through mmengine's AmpOptimWrapper in training; "
                    'on the CPU bf16 only (default: float32)')
+    p.add_argument('--compile', action='store_true',
+                   help='every backbone through torch.compile (inductor); '
+                   'compiled during the warm-up iterations')
     p.add_argument('--threads', type=int, default=None,
                    help='torch CPU threads (default: torch decides)')
     p.add_argument('--device', default=None, help='cpu or cuda[:N]')
@@ -75,7 +78,7 @@ def worker(args):
                         img_size=args.img_size, warmup=args.warmup,
                         repeats=args.repeats, device=args.device,
                         profile_rows=args.profile, optimizer=args.optimizer,
-                        amp=args.amp)
+                        amp=args.amp, compile=args.compile)
     print('@@RESULT ' + json.dumps(res.as_dict()), flush=True)
 
 
@@ -92,6 +95,8 @@ def measure(args, config, mode):
         cmd += ['--device', args.device]
     if args.amp:
         cmd += ['--amp', args.amp]
+    if args.compile:
+        cmd += ['--compile']
     env = dict(os.environ)
     if args.threads:
         env.setdefault('OMP_NUM_THREADS', str(args.threads))
@@ -149,7 +154,8 @@ def main(argv=None):
               f'{args.img_size}, median of {args.repeats} after '
               f'{args.warmup} warm-up iterations, best of {args.rounds} '
               f'interleaved round(s), training optimiser {args.optimizer}, '
-              f"{'autocast ' + args.amp if args.amp else 'float32'}\n")
+              f"{'autocast ' + args.amp if args.amp else 'float32'}"
+              f"{', backbones compiled' if args.compile else ''}\n")
         print('| config | mode | batch | img/s | x first | ms/iter | '
               'peak MB |')
         print('| --- | --- | ---: | ---: | ---: | ---: | ---: |')

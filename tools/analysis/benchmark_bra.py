@@ -22,8 +22,11 @@ the same dtype.
 
 By default the whole BRA layer is timed (``BiLevelRoutingAttention``: qkv
 projection, routing, attention, LePE, output projection, ``auto_pad``), as
-in a training step; ``--op core`` times the attention core
-(``bra_attention``) alone on the layer's q/k/v.
+in a training step; ``--op core`` times the attention (``bra``) alone on the
+layer's q/k/v and routing. Every row names the implementation ``auto``
+chose (``impl``), the CPU model and torch's capability level
+(``ATEN_CPU_CAPABILITY=avx2`` forces a lower one, the C++ kernels then
+built for it).
 
 Presets (BiFormer-S stages 1-3: dims 64/128/256, heads 2/4/8, topk 1/4/16,
 maps at 1/4, 1/8, 1/16 of the image):
@@ -40,7 +43,9 @@ Examples::
     python tools/analysis/benchmark_bra.py --preset cls det seg
     python tools/analysis/benchmark_bra.py --preset det --json
     python tools/analysis/benchmark_bra.py --shape s=2,56,56,64,2,7,1 \\
-        --backends official fused
+        --backends official torch
+    ATEN_CPU_CAPABILITY=avx2 python tools/analysis/benchmark_bra.py \\
+        --preset cls det --threads 2
 """
 from __future__ import annotations
 
@@ -61,8 +66,8 @@ PRESETS = {
     'det': dict(img=(800, 1216), n_win=16, batch=2),
     'seg': dict(img=(512, 512), n_win=8, batch=4),
 }
-KEYS = ('shape', 'backend', 'device', 'fwd_ms', 'fwd_bwd_ms', 'peak_mem_mb',
-        'max_abs_err')
+KEYS = ('shape', 'backend', 'impl', 'device', 'fwd_ms', 'fwd_bwd_ms',
+        'peak_mem_mb', 'max_abs_err')
 
 
 def preset_shapes(name: str) -> List[Dict]:
@@ -103,8 +108,10 @@ def _limit_memory(limit_gb: float) -> None:
 def worker(spec: Dict) -> Dict:
     import torch
 
-    from mmbiformer.ops import BiLevelRoutingAttention, bra_attention
-    from mmbiformer.ops.functional import select_backend
+    from mmbiformer.analysis.benchmark import cpu_model
+    from mmbiformer.ops import BiLevelRoutingAttention, bra, implementation
+    from mmbiformer.ops import cpu_ext
+    from mmbiformer.ops.routing import region_graph
 
     device = torch.device(spec['device'])
     if spec.get('threads'):
@@ -117,10 +124,12 @@ def worker(spec: Dict) -> Dict:
     layer = BiLevelRoutingAttention(
         spec['dim'], num_heads=spec['heads'], n_win=spec['n_win'],
         topk=spec['topk'], auto_pad=True, backend=backend).to(device, dtype)
-    res = dict(shape=spec['name'], backend=backend, device=str(device),
-               dtype=str(dtype).split('.')[-1],
+    res = dict(shape=spec['name'], backend=backend, impl=None,
+               device=str(device), dtype=str(dtype).split('.')[-1],
                fwd_ms=None, fwd_bwd_ms=None, peak_mem_mb=None,
                max_abs_err=None, status='ok', op=spec['op'],
+               cpu=cpu_model() if device.type == 'cpu' else None,
+               capability=cpu_ext.capability(),
                omp_wait_policy=os.environ.get('OMP_WAIT_POLICY'),
                threads=torch.get_num_threads())
 
@@ -134,28 +143,22 @@ def worker(spec: Dict) -> Dict:
                         dtype=dtype)
         if spec['op'] == 'layer':
             return x, layer
-        # core only: q/k/v/routing of the layer computed once, outside
+        # core only: q/k/v and routing of the layer computed once, outside
+        nw = spec['n_win']
+        hp, wp = -(-h // nw) * nw, -(-w // nw) * nw
         with torch.no_grad():
-            _, info = layer(x, return_routing=True)
-        qkv = layer.qkv(torch.nn.functional.pad(
-            x, (0, 0, 0, info['padded_hw'][1] - w, 0,
-                info['padded_hw'][0] - h)))
-        from einops import rearrange
-        nw, m = spec['n_win'], spec['heads']
-        q, k, v = (rearrange(t, 'n (j h) (i w) (m c) -> n m (j i) (h w) c',
-                             j=nw, i=nw, m=m).contiguous()
-                   for t in qkv)
-        idx = info['topk_index']
-        x = torch.cat([q, k, v], dim=-1).detach()
-        sizes = [q.shape[-1], k.shape[-1], v.shape[-1]]
+            qkv = layer.qkv.qkv(torch.nn.functional.pad(
+                x, (0, 0, 0, wp - w, 0, hp - h)))
+            q, k, _ = qkv.split([layer.qk_dim, layer.qk_dim, layer.dim], -1)
+            graph = region_graph(q, k, nw, layer.topk, layer.scale)
+        sizes = [layer.qk_dim, layer.qk_dim, layer.dim]
 
         def core(z):
             qq, kk, vv = z.split(sizes, dim=-1)
-            return bra_attention(qq, kk, vv, idx, scale=layer.scale,
-                                 backend=layer.backend)
-        return x, core
+            return bra(qq, kk, vv, graph, layer.num_heads, layer.scale,
+                       layer.backend)
+        return qkv.detach(), core
 
-    res['resolved_backend'] = backend
     try:
         x, fn = make_step(spec['batch'], spec['h'], spec['w'])
         if backend == 'auto':
@@ -293,11 +296,12 @@ def fmt(v, nd=1) -> str:
 
 
 def print_table(rows: List[Dict]) -> None:
-    head = ('shape', 'backend', 'fwd ms', 'fwd+bwd ms', 'peak MB',
+    head = ('shape', 'backend', 'impl', 'fwd ms', 'fwd+bwd ms', 'peak MB',
             'max abs err', 'status')
     lines = [head]
     for r in rows:
-        lines.append((r['shape'], r['backend'], fmt(r['fwd_ms']),
+        lines.append((r['shape'], r['backend'], r.get('impl') or '-',
+                      fmt(r['fwd_ms']),
                       fmt(r['fwd_bwd_ms']), fmt(r['peak_mem_mb'], 0),
                       fmt(r['max_abs_err']), r.get('status', '')))
     widths = [max(len(str(row[i])) for row in lines)
@@ -319,7 +323,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--stages', nargs='*', type=int, default=[1, 2, 3],
                         help='preset stages to run (default: 1 2 3)')
     parser.add_argument('--backends', nargs='*',
-                        default=None, help='default: official gather fused '
+                        default=None, help='default: auto official torch '
                         '(+ triton on CUDA, + cpu on the CPU)')
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('--op', default='layer', choices=['layer', 'core'])
@@ -360,7 +364,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         parser.error('--in-process needs --device cuda (CPU peak memory is '
                      'a per-process high-water mark)')
     backends = args.backends or (
-        ['official', 'gather', 'fused'] +
+        ['auto', 'official', 'torch'] +
         (['triton'] if args.device == 'cuda' else ['cpu']))
     best: Dict = {}
     order = []

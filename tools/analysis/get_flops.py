@@ -44,7 +44,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         '--backend',
         default=None,
-        help="attention backend ('official', 'gather', 'fused', ...; "
+        help="attention backend ('auto', 'torch', 'official', ...; "
         "default: the config's, 'auto' for --arch)")
     parser.add_argument(
         '--bn-count',

@@ -284,13 +284,14 @@ def place(rng, n, size, r_range, taken=()):
 
 
 # ------------------------------------------------------------ generators
-def make_cls(root, split, n, size, rng):
+def make_cls(root, split, n, size, rng, tick=lambda i: None):
     lines = []
     per_class = n // len(SHAPES)
     for cls, name in enumerate(SHAPES):
         folder = f'{cls:02d}_{name}'
         os.makedirs(osp.join(root, split, folder), exist_ok=True)
         for i in range(per_class):
+            tick(cls * per_class + i)
             canvas = background(rng, size, size)
             clutter(canvas, rng, int(rng.integers(4, 12)),
                     int(rng.integers(2, 5)), (8, 24))
@@ -307,13 +308,14 @@ def make_cls(root, split, n, size, rng):
         f.write('\n'.join(lines) + '\n')
 
 
-def make_det(root, split, n, size, rng):
+def make_det(root, split, n, size, rng, tick=lambda i: None):
     img_dir = osp.join(root, f'{split}2017')
     os.makedirs(img_dir, exist_ok=True)
     os.makedirs(osp.join(root, 'annotations'), exist_ok=True)
     name2id = dict(zip(COCO_CATEGORIES, COCO_IDS))
     images, anns = [], []
     for i in range(n):
+        tick(i)
         canvas = background(rng, size, size)
         clutter(canvas, rng, int(rng.integers(6, 16)),
                 int(rng.integers(3, 7)), (8, 30))
@@ -375,7 +377,7 @@ def _stuff_pattern(kind, h, w, rng):
     raise ValueError(kind)
 
 
-def make_seg(root, split, n, size, rng):
+def make_seg(root, split, n, size, rng, tick=lambda i: None):
     tag = 'training' if split == 'train' else 'validation'
     img_dir = osp.join(root, 'images', tag)
     ann_dir = osp.join(root, 'annotations', tag)
@@ -384,6 +386,7 @@ def make_seg(root, split, n, size, rng):
     stuff = list(ADE_STUFF)
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
     for i in range(n):
+        tick(i)
         canvas = np.zeros((size, size, 3), np.float32)
         label = np.zeros((size, size), np.uint8)
         # two or three stuff regions split by wavy, tilted boundaries
@@ -412,6 +415,35 @@ def make_seg(root, split, n, size, rng):
         Image.fromarray(finish(canvas, rng)).save(
             osp.join(img_dir, stem + '.jpg'), quality=92)
         Image.fromarray(label, mode='L').save(osp.join(ann_dir, stem + '.png'))
+
+
+class _Progress:
+    """Progress of one split: a bar that redraws itself on a terminal,
+    else a line at every quarter."""
+
+    def __init__(self, name, total, log):
+        self.name, self.total, self.log = name, max(1, total), log
+        self.tty = log is print and sys.stdout.isatty()
+        self.shown = -1
+        self.t0 = time.time()
+
+    def __call__(self, i):
+        done = i + 1
+        if self.tty:
+            if done == self.total or time.time() - self.t0 > 0.5:
+                n = 30 * done // self.total
+                sys.stdout.write(f'\r[demo data] {self.name:<10} '
+                                 f'[{"#" * n}{"." * (30 - n)}] '
+                                 f'{done}/{self.total}')
+                if done == self.total:
+                    sys.stdout.write('\r' + ' ' * 70 + '\r')
+                sys.stdout.flush()
+            return
+        quarter = 4 * done // self.total
+        if quarter > self.shown and quarter in (1, 2, 3) and \
+                self.log is print:
+            self.shown = quarter
+            self.log(f'[demo data] {self.name}: {done}/{self.total} images')
 
 
 TASKS = dict(
@@ -455,7 +487,8 @@ def make(root='data/demo', tasks=('cls', 'det', 'seg'), seed=0,
             # share an image and a split does not depend on the other's size
             rng = np.random.default_rng(
                 [seed, list(TASKS).index(task), k])
-            fn(path, split, spec[split], spec['size'], rng)
+            fn(path, split, spec[split], spec['size'], rng,
+               _Progress(f'{task} {split}', spec[split], log))
         with open(marker, 'w') as f:
             f.write(stamp)
         log(f'[demo data] {task}: wrote {spec["train"]} train / '

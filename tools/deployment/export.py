@@ -57,8 +57,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--batch', type=int, default=1,
                    help='batch size of a static export (default 1)')
     p.add_argument('--dynamic', action='store_true',
-                   help='symbolic batch, height and width (turns on auto_pad '
-                   "and, for the 'auto'/'fused' backends, uses 'gather')")
+                   help='symbolic batch, height and width (turns on '
+                   'auto_pad)')
     p.add_argument('--verify-shape', type=int, nargs=2, action='append',
                    default=[], metavar=('H', 'W'),
                    help='also verify at this size (with --dynamic; '
@@ -66,7 +66,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--out', required=True, help='output file')
     p.add_argument('--checkpoint', help='weights to load (any layout that '
                    "BiFormer's Pretrained init accepts)")
-    p.add_argument('--backend', help='attention backend to export with')
+    p.add_argument('--backend', help="attention backend to export with "
+                   "(default: the model's; 'official' for ONNX)")
     p.add_argument('--n-win', type=int, default=7,
                    help='regions per side, for an arch name (default 7)')
     p.add_argument('--opset', type=int, default=18, help='ONNX opset')
@@ -104,7 +105,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     backbone = build_backbone(args.model, args.n_win, args.cfg_options)
     if args.checkpoint:
         load_biformer_checkpoint(backbone, args.checkpoint)
-    changed = prepare_for_export(backbone, args.dynamic, args.backend)
+    changed = prepare_for_export(backbone, args.dynamic, args.backend,
+                                 args.format)
     if changed['auto_pad']:
         print('[export] --dynamic: auto_pad turned on (inputs of any size '
               'are padded to the region grid inside the attention)')

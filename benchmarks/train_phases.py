@@ -14,7 +14,7 @@ throughput on its own.
 
 Example (the phase table in docs/benchmarks.md)::
 
-    python tools/analysis/train_phases.py \\
+    python benchmarks/train_phases.py \\
         mmpretrain::swin_transformer/swin-tiny_16xb64_in1k.py \\
         configs/classification/biformer_s_in1k.py --steps 10 --threads 2
 """

@@ -11,7 +11,7 @@ Prints one JSON object per (shape, dtype). Needs CUDA and Triton.
 
 Example (the table in docs/benchmarks.md)::
 
-    python tools/analysis/triton_backward_ab.py
+    python benchmarks/triton_backward_ab.py
 """
 import argparse
 import json

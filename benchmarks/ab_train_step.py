@@ -9,19 +9,16 @@ was faster. The training step is
 :mod:`mmbiformer.analysis.benchmark`'s (data preprocessor, loss, backward,
 AdamW).
 
-Example (the GELU kernel of the MLP backward against torch's two ops, in
-docs/benchmarks.md)::
+Example (the attention through the portable implementation against the
+default choice; ``my_variants`` is any importable module of yours)::
 
-    python tools/analysis/ab_train_step.py \\
+    python benchmarks/ab_train_step.py \\
         configs/classification/biformer_s_in1k.py \\
-        --target mmbiformer.ops.linear:gelu_and_grad_ \\
-        --replacement mmbiformer.ops.linear:gelu_and_grad_torch_ \\
-        --pairs 15 --threads 2
+        --target mmbiformer.ops.bra:implementation \\
+        --replacement my_variants:always_portable --pairs 15 --threads 2
 
 With ``--returning None`` (or ``False``, ``True``) the patched variant
-uses a function that returns that constant: e.g. the drop-path subsets
-against whole-batch branches, ``--target
-mmbiformer.models.layers:kept_samples --returning None``.
+uses a function that returns that constant.
 """
 import argparse
 import importlib
