@@ -104,7 +104,9 @@ def implementation(device: str, backend: str, q: Tensor, v: Tensor,
         raise ValueError(
             f"backend='cpu' (the C++ CPU kernels) does not apply: {why}. "
             "Use backend='auto' (or 'torch', the portable code).")
-    # 'triton', or 'auto' on CUDA (and other devices)
+    if backend == 'auto' and device != 'cuda':
+        return bra_torch
+    # 'triton', or 'auto' on CUDA
     why = None
     if not triton_available(q.device):
         why = (f'Triton cannot run on {q.device.type} tensors (CUDA, or '

@@ -155,8 +155,9 @@ class BiLevelRoutingAttention(nn.Module):
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
         key_valid = None
         if padded and self.pad_mode == 'masked':
-            key_valid = ((torch.arange(x.shape[1], device=x.device) < h)[:, None]
-                         & (torch.arange(x.shape[2], device=x.device) < w))
+            rows = torch.arange(x.shape[1], device=x.device) < h
+            cols = torch.arange(x.shape[2], device=x.device) < w
+            key_valid = rows[:, None] & cols
 
         q, k, v = self.qkv(x)
         graph = region_graph(q, k, self.n_win, self.topk, self.scale,

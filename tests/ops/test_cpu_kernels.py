@@ -99,9 +99,11 @@ def test_switch_off(monkeypatch):
 
 
 PINNED = r'''
+import sys
 import torch
 from mmbiformer.ops import bra_torch, cpu_bra, cpu_ext, implementation
-from tests.ops.helpers import fwd_bwd, make_maps
+sys.path.insert(0, "tests/ops")
+from helpers import fwd_bwd, make_maps
 
 assert cpu_ext.capability() == "{level}", cpu_ext.capability()
 assert cpu_ext.load() is not None

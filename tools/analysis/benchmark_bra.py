@@ -109,8 +109,12 @@ def worker(spec: Dict) -> Dict:
     import torch
 
     from mmbiformer.analysis.benchmark import cpu_model
-    from mmbiformer.ops import BiLevelRoutingAttention, bra, implementation
-    from mmbiformer.ops import cpu_ext
+    from mmbiformer.ops import (
+        BiLevelRoutingAttention,
+        bra,
+        cpu_ext,
+        implementation,
+    )
     from mmbiformer.ops.routing import region_graph
 
     device = torch.device(spec['device'])
@@ -161,8 +165,12 @@ def worker(spec: Dict) -> Dict:
 
     try:
         x, fn = make_step(spec['batch'], spec['h'], spec['w'])
-        if backend == 'auto':
-            res['resolved_backend'] = select_backend(x)
+        if backend in ('auto', 'cpu', 'triton', 'torch'):
+            probe = torch.empty(1, 1, 1, layer.dim, device=device,
+                                dtype=dtype)
+            impl = implementation('cpu' if device.type == 'cpu' else 'cuda',
+                                  backend, probe, probe, spec['heads'], None)
+            res['impl'] = impl.__name__.rsplit('.', 1)[-1]
         xg = x.clone().requires_grad_()
         with torch.no_grad():
             g = torch.randn_like(fn(x))

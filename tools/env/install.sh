@@ -70,7 +70,7 @@ if have mmcv "$MMCV" && "$PY" -c "import mmcv.ops" 2>/dev/null; then
     say "mmcv $MMCV with compiled ops already installed"
 else
     if ! ls "$wheel_dir"/mmcv-*.whl >/dev/null 2>&1; then
-        say "building mmcv $MMCV with CPU ops from source (6-10 minutes, once; cached in $wheel_dir)"
+        say "building mmcv $MMCV with CPU ops from source (about 20 minutes on 2 cores, once; cached in $wheel_dir)"
         build=$(mktemp -d)
         trap 'rm -rf "$build"' EXIT
         "${PIP[@]}" download -q --no-deps --no-binary :all: "mmcv==$MMCV" -d "$build"
@@ -81,7 +81,18 @@ else
         mkdir -p "$wheel_dir"
         (cd "$src" && MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS=${MAX_JOBS:-$(nproc)} \
             "$OLDPWD/$PY" -m pip --disable-pip-version-check wheel --no-build-isolation --no-deps -v . -w "$wheel_dir" \
-            > "$build/build.log" 2>&1) || { tail -n 40 "$build/build.log"; say "mmcv build failed (log above)"; exit 1; }
+            > "$build/build.log" 2>&1) &
+        builder=$!
+        # progress: the compiler commands started so far, once a minute
+        total=$(find "$src/mmcv/ops/csrc/pytorch" -name '*.cpp' | wc -l)
+        started=$SECONDS
+        while kill -0 "$builder" 2>/dev/null; do
+            for _ in $(seq 60); do kill -0 "$builder" 2>/dev/null && sleep 1; done
+            kill -0 "$builder" 2>/dev/null || break
+            n=$(grep -c -- ' -c .*\.cpp -o ' "$build/build.log" || true)
+            say "  mmcv: compiling source $n of about $total ($(( (SECONDS - started) / 60 )) min)"
+        done
+        wait "$builder" || { tail -n 40 "$build/build.log"; say "mmcv build failed (log above)"; exit 1; }
     else
         say "reusing cached mmcv wheel from $wheel_dir"
     fi
