@@ -375,10 +375,10 @@ def demo_overrides(cfg, task: str, root: str = 'data/demo',
         iters_per_epoch = math.ceil(n_train / bs)
         total = spec['epochs'] * iters_per_epoch
         length = spec['epochs']
-        train_cfg = dict(max_epochs=length, val_interval=length + 1)
+        train_cfg = dict(max_epochs=length)
     else:
         total = length = spec['iters']
-        train_cfg = dict(max_iters=length, val_interval=length + 1)
+        train_cfg = dict(max_iters=length)
     loader = dict(num_workers=workers, persistent_workers=workers > 0)
     backbone = dict(arch='tiny', n_win=spec['n_win'], drop_path_rate=0.)
     if task != 'cls':
@@ -395,6 +395,9 @@ def demo_overrides(cfg, task: str, root: str = 'data/demo',
             checkpoint=dict(interval=length, max_keep_ckpts=1)),
         randomness=dict(seed=0),
         custom_hooks=[],
+        # no validation loop in training (mmengine would validate after the
+        # last epoch): tools/test.py evaluates the last checkpoint
+        val_dataloader=None, val_cfg=None, val_evaluator=None,
     )
     if task == 'cls':
         from_dir = sorted(os.listdir(osp.join(data_root, 'train')))
@@ -421,11 +424,9 @@ def demo_overrides(cfg, task: str, root: str = 'data/demo',
             dict(type='CenterCrop', crop_size=s),
             dict(type='PackInputs'),
         ]
-        for name in ('val_dataloader', 'test_dataloader'):
-            out[name] = dict(batch_size=64, **loader, dataset=dict(
-                data_root=data_root, metainfo=meta, pipeline=test_pipeline))
-        out['val_evaluator'] = out['test_evaluator'] = dict(
-            type='Accuracy', topk=(1, ))
+        out['test_dataloader'] = dict(batch_size=64, **loader, dataset=dict(
+            data_root=data_root, metainfo=meta, pipeline=test_pipeline))
+        out['test_evaluator'] = dict(type='Accuracy', topk=(1, ))
     elif task == 'det':
         out['train_dataloader'] = dict(
             batch_size=bs, **loader, dataset=dict(
@@ -446,10 +447,8 @@ def demo_overrides(cfg, task: str, root: str = 'data/demo',
                             'scale_factor')),
         ]
         ann = osp.join(data_root, 'annotations', 'instances_val2017.json')
-        for name in ('val_dataloader', 'test_dataloader'):
-            out[name] = dict(batch_size=4, **loader, dataset=dict(
-                data_root=data_root, pipeline=test_pipeline))
-        out['val_evaluator'] = dict(ann_file=ann)
+        out['test_dataloader'] = dict(batch_size=4, **loader, dataset=dict(
+            data_root=data_root, pipeline=test_pipeline))
         out['test_evaluator'] = dict(ann_file=ann)
     else:  # seg
         out['model']['data_preprocessor'] = dict(size=(s, s))
@@ -471,9 +470,8 @@ def demo_overrides(cfg, task: str, root: str = 'data/demo',
             dict(type='LoadAnnotations', reduce_zero_label=True),
             dict(type='PackSegInputs'),
         ]
-        for name in ('val_dataloader', 'test_dataloader'):
-            out[name] = dict(batch_size=1, **loader, dataset=dict(
-                data_root=data_root, pipeline=test_pipeline))
+        out['test_dataloader'] = dict(batch_size=1, **loader, dataset=dict(
+            data_root=data_root, pipeline=test_pipeline))
     return out
 
 

@@ -42,7 +42,8 @@ def _step(model, x, grad):
     outs = model(x)
     loss = sum((o * g).sum() for o, g in zip(outs, grad))
     loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    grads = {n.removeprefix('_orig_mod.'): p.grad.clone()
+             for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     return [o.detach() for o in outs], grads
 
@@ -50,10 +51,14 @@ def _step(model, x, grad):
 def _assert_equal(compiled, eager):
     for a, e in zip(compiled[0], eager[0]):
         torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+    # 1e-3 relative to each gradient, plus 1e-5 of the largest one: the
+    # conv biases before BatchNorm have zero gradients in exact arithmetic,
+    # so theirs (~1e-4 against ~100 elsewhere) are rounding noise, which
+    # no two summation orders share
+    largest = max(float(e.norm()) for e in eager[1].values())
     for name, e in eager[1].items():
-        a = compiled[1][name]
-        err = (a - e).norm() / e.norm().clamp_min(1e-12)
-        assert err <= 1e-3, (name, float(err))
+        err = float((compiled[1][name] - e).norm())
+        assert err <= 1e-3 * float(e.norm()) + 1e-5 * largest, (name, err)
 
 
 @pytest.mark.slow
@@ -62,8 +67,7 @@ def test_compiled_training_step_equals_eager():
     drop path, so that both draw nothing at random)."""
     model = _model().train()
     x = torch.randn(2, 3, 112, 112)
-    grad = [torch.randn(2, c, 112 // s, 112 // s)
-            for c, s in zip(MINI['embed_dims'], (4, 8, 16, 32))]
+    grad = [torch.randn(2, *shape) for shape in model.output_shapes(112, 112)]
     eager = _step(model, x, grad)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)

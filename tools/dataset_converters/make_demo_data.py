@@ -88,11 +88,11 @@ ADE_THINGS = dict(disc=(120, 'ball'), square=(42, 'box'),
 
 # ----------------------------------------------------------- dataset sizes
 SPLITS = dict(
-    cls=dict(size=128, train=480, val=120),
+    cls=dict(size=64, train=1200, val=300),
     det=dict(size=128, train=200, val=50),
     seg=dict(size=160, train=200, val=50),
 )
-VERSION = 3  # bump when the generator's output changes
+VERSION = 4  # bump when the generator's output changes
 
 
 # ------------------------------------------------------------ primitives
@@ -229,11 +229,11 @@ def clutter(canvas, rng, n_lines, n_blobs, size_range):
         m = raster(poly, h, w)
         c1 = _random_colour(rng)
         c2 = _random_colour(rng, c1)
-        if rng.random() < 0.6:
-            pat = texture(TEXTURES[rng.integers(len(TEXTURES))], h, w, rng)
-        else:
-            pat = np.zeros((h, w), np.float32)
-        paint(canvas, m, pat, c1, c2)
+        # a smooth two-colour blend: the class patterns belong to the
+        # objects only
+        u, _ = _coords(h, w, rng.uniform(0, 2 * math.pi), w / 2, h / 2)
+        pat = (u - u.min()) / max(1e-6, float(u.max() - u.min()))
+        paint(canvas, m, pat.astype(np.float32), c1, c2)
     img = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
     for _ in range(n_lines):
@@ -293,8 +293,9 @@ def make_cls(root, split, n, size, rng, tick=lambda i: None):
         for i in range(per_class):
             tick(cls * per_class + i)
             canvas = background(rng, size, size)
-            clutter(canvas, rng, int(rng.integers(4, 12)),
-                    int(rng.integers(2, 5)), (8, 24))
+            f = size / 128
+            clutter(canvas, rng, int(rng.integers(4, 12) * f),
+                    int(rng.integers(2, 5)), (8 * f, 24 * f))
             r = rng.uniform(0.22, 0.4) * size
             cx, cy = rng.uniform(r, size - r, 2)
             draw_object(canvas, rng, cls, cx, cy, r)
