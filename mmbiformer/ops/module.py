@@ -130,8 +130,11 @@ class BiLevelRoutingAttention(nn.Module):
         # then provably a multiple of n_win
         pad_b = (h + nw - 1) // nw * nw - h
         pad_r = (w + nw - 1) // nw * nw - w
-        always = self.auto_pad and torch.compiler.is_exporting()
-        if (pad_b or pad_r) and not self.auto_pad:
+        if self.auto_pad and torch.compiler.is_exporting():
+            return pad_b, pad_r, True  # no branch on the (symbolic) size
+        if not (pad_b or pad_r):
+            return 0, 0, False
+        if not self.auto_pad:
             smaller = h < nw or w < nw
             raise ValueError(
                 f'feature map {h}x{w} is '
@@ -140,7 +143,7 @@ class BiLevelRoutingAttention(nn.Module):
                 + f' (n_win={nw}); set auto_pad=True or '
                 + (f'use n_win <= {min(h, w)}' if smaller else
                    f'resize the input to a multiple of {nw}'))
-        return pad_b, pad_r, always or bool(pad_b or pad_r)
+        return pad_b, pad_r, True
 
     def forward(self, x: Tensor, return_routing: bool = False
                 ) -> Union[Tensor, Tuple[Tensor, Dict[str, Any]]]:

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ['RegionGraph', 'region_graph', 'region_means', 'route']
@@ -86,15 +85,13 @@ def region_means(x: Tensor, n_win: int,
     """
     n, h, w, c = x.shape
     rh, rw = h // n_win, w // n_win
-    x = x.permute(0, 3, 1, 2)
+    regions = x.reshape(n, n_win, rh, n_win, rw, c)
     if valid is None:
-        pooled = F.avg_pool2d(x, (rh, rw))
-    else:
-        weight = valid.to(x.dtype)
-        sums = F.avg_pool2d(x * weight, (rh, rw))
-        share = F.avg_pool2d(weight[None, None], (rh, rw))
-        pooled = sums / share.clamp_min(1.0 / (rh * rw))
-    return pooled.flatten(2).transpose(1, 2)
+        return regions.mean((2, 4)).reshape(n, n_win * n_win, c)
+    weight = valid.to(x.dtype).reshape(1, n_win, rh, n_win, rw, 1)
+    sums = (regions * weight).sum((2, 4))
+    count = weight.sum((2, 4)).clamp_min(1.0)
+    return (sums / count).reshape(n, n_win * n_win, c)
 
 
 def route(q_region: Tensor, k_region: Tensor, topk: int, scale: float,
