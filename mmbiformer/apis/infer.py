@@ -251,6 +251,9 @@ def _draw_classification(inferencer, image: str, out_dir: str, topk: int
                         osp.splitext(osp.basename(image))[0] + '.png')
     os.makedirs(osp.dirname(out_file), exist_ok=True)
     h, w = img.shape[:2]
+    if inferencer.visualizer is None:  # mmpretrain builds it on first use
+        from mmpretrain.visualization import UniversalVisualizer
+        inferencer.visualizer = UniversalVisualizer()
     inferencer.visualizer.visualize_cls(
         img, drawn, classes=classes or None, draw_gt=False, draw_score=True,
         rescale_factor=max(1., 320 / max(1, min(h, w))), out_file=out_file)
