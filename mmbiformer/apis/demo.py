@@ -325,8 +325,8 @@ def save_initial_checkpoint(cfg, path: str) -> str:
 DEMO_SCHEDULE = dict(
     cls=dict(
         config='configs/classification/biformer_t_in1k.py',
-        img_size=64, n_win=4, batch_size=32, epochs=10, lr=2e-3,
-        warmup=30, workers=1),
+        img_size=64, n_win=4, batch_size=32, epochs=4, lr=5e-4,
+        warmup=15, workers=1),
     det=dict(
         config='configs/detection/maskrcnn_biformer_s_coco.py',
         img_size=128, n_win=8, batch_size=4, epochs=4, lr=4e-4,
