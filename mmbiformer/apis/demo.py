@@ -321,7 +321,9 @@ def save_initial_checkpoint(cfg, path: str) -> str:
 #: * schedule: ``epochs``/``iters`` with ``batch_size``, AdamW at ``lr``
 #:   after a linear warm-up of ``warmup`` iterations (from 1/10 of it),
 #:   then cosine decay to ``lr / 100``; no validation during training
-#:   (``tools/test.py`` evaluates the last checkpoint).
+#:   (``tools/test.py`` evaluates the last checkpoint);
+#: * Mask R-CNN samples 128 RoIs per image in training (not 512) and keeps
+#:   100 proposals at test time (not 1000): the images hold 1-4 objects.
 DEMO_SCHEDULE = dict(
     cls=dict(
         config='configs/classification/biformer_t_in1k.py',
@@ -428,6 +430,12 @@ def demo_overrides(cfg, task: str, root: str = 'data/demo',
             data_root=data_root, metainfo=meta, pipeline=test_pipeline))
         out['test_evaluator'] = dict(type='Accuracy', topk=(1, ))
     elif task == 'det':
+        # 128 sampled RoIs per image instead of 512 and at most 100
+        # proposals at test time (the images hold 1-4 objects): the box
+        # head's fully connected layers are most of a CPU step otherwise
+        out['model'].update(
+            train_cfg=dict(rcnn=dict(sampler=dict(num=128))),
+            test_cfg=dict(rpn=dict(nms_pre=300, max_per_img=100)))
         out['train_dataloader'] = dict(
             batch_size=bs, **loader, dataset=dict(
                 data_root=data_root, pipeline=[
