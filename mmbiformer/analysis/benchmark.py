@@ -67,6 +67,8 @@ class BenchmarkResult:
     amp: Optional[str] = None
     #: whether the backbone ran through torch.compile
     compiled: bool = False
+    #: whether the backbone's linear layers were swapped by accelerate()
+    accelerated: bool = False
     #: torch.profiler table of one extra step (``profile_rows > 0``)
     profile: Optional[str] = None
 
@@ -226,11 +228,14 @@ def run_benchmark(target: str,
                   profile_rows: int = 0,
                   optimizer: str = 'adamw',
                   amp: Optional[str] = None,
-                  compile: bool = False) -> BenchmarkResult:
+                  compile: bool = False,
+                  accelerate: bool = False) -> BenchmarkResult:
     """Measure one config in one mode; see the module docstring.
 
     With ``compile=True`` the backbone runs through ``torch.compile``
-    (inductor, compiled during the warm-up iterations).
+    (inductor, compiled during the warm-up iterations); with
+    ``accelerate=True`` its linear layers go through
+    :func:`mmbiformer.ops.accelerate.accelerate` first.
 
     With ``profile_rows > 0`` one more step runs under
     ``torch.profiler`` after the timed ones, and the result's ``profile``
@@ -254,6 +259,9 @@ def run_benchmark(target: str,
     base_rss = _rss_mb()
     scope, model = _build(path, overrides)
     model = model.to(dev)
+    if accelerate:
+        from ..ops.accelerate import accelerate as swap
+        swap(model.backbone)
     if compile:
         model.backbone = torch.compile(model.backbone)
         warmup = max(warmup, 1)
@@ -344,6 +352,7 @@ def run_benchmark(target: str,
         optimizer=optimizer if mode == 'train' else None,
         amp=amp,
         compiled=compile,
+        accelerated=accelerate,
         profile=table)
 
 

@@ -51,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument('--compile', action='store_true',
                    help='every backbone through torch.compile (inductor); '
                    'compiled during the warm-up iterations')
+    p.add_argument('--accelerate', action='store_true',
+                   help="every backbone's linear layers through "
+                   'mmbiformer.ops.accelerate (oneDNN products on the CPU)')
     p.add_argument('--threads', type=int, default=None,
                    help='torch CPU threads (default: torch decides)')
     p.add_argument('--device', default=None, help='cpu or cuda[:N]')
@@ -78,7 +81,8 @@ def worker(args):
                         img_size=args.img_size, warmup=args.warmup,
                         repeats=args.repeats, device=args.device,
                         profile_rows=args.profile, optimizer=args.optimizer,
-                        amp=args.amp, compile=args.compile)
+                        amp=args.amp, compile=args.compile,
+                        accelerate=args.accelerate)
     print('@@RESULT ' + json.dumps(res.as_dict()), flush=True)
 
 
@@ -97,6 +101,8 @@ def measure(args, config, mode):
         cmd += ['--amp', args.amp]
     if args.compile:
         cmd += ['--compile']
+    if args.accelerate:
+        cmd += ['--accelerate']
     env = dict(os.environ)
     if args.threads:
         env.setdefault('OMP_NUM_THREADS', str(args.threads))
@@ -155,7 +161,8 @@ def main(argv=None):
               f'{args.warmup} warm-up iterations, best of {args.rounds} '
               f'interleaved round(s), training optimiser {args.optimizer}, '
               f"{'autocast ' + args.amp if args.amp else 'float32'}"
-              f"{', backbones compiled' if args.compile else ''}\n")
+              f"{', backbones compiled' if args.compile else ''}"
+              f"{', accelerate()' if args.accelerate else ''}\n")
         print('| config | mode | batch | img/s | x first | ms/iter | '
               'peak MB |')
         print('| --- | --- | ---: | ---: | ---: | ---: | ---: |')

@@ -1,0 +1,94 @@
+"""Opt-in speed-ups outside the attention that keep the modules and the
+state dict: :func:`accelerate`.
+
+The model is built from plain torch modules; this transform changes how
+some of them compute, not what: every swapped module stays an instance of
+its torch class (hooks, ``isinstance`` checks and wrappers see what they
+expect) with the same parameters, and the products go through registered
+operators whose CPU registration picks the kernel, so ``torch.compile`` and
+``torch.export`` see one node each.
+
+* ``nn.Linear`` -> :class:`AcceleratedLinear`: ``mmbiformer::linear``, whose
+  CPU registration runs float32 products in oneDNN
+  (``torch.ops.mkldnn._linear_pointwise``) instead of torch's default CPU
+  GEMM, forward and input gradient (the weight gradient stays one GEMM).
+  On BiFormer's long, narrow products (one row per token, 64-512 channels)
+  oneDNN was the faster one on the CPUs measured (``docs/benchmarks.md``).
+  Other devices and dtypes run ``F.linear``.
+"""
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ['AcceleratedLinear', 'accelerate', 'linear']
+
+
+def _onednn_linear():
+    if not (torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled):
+        return None
+    return getattr(getattr(torch.ops, 'mkldnn', None), '_linear_pointwise',
+                   None)
+
+
+@torch.library.custom_op('mmbiformer::linear', mutates_args=())
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``F.linear(x, weight, bias)``; on the CPU in float32 through
+    oneDNN."""
+    return F.linear(x, weight, bias).contiguous()
+
+
+@linear.register_kernel('cpu')
+def _(x, weight, bias):
+    op = _onednn_linear()
+    if op is None or x.dtype != torch.float32 or \
+            weight.dtype != torch.float32:
+        return F.linear(x, weight, bias).contiguous()
+    return op(x, weight, bias, 'none', [], '').contiguous()
+
+
+@linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad: Tensor):
+    x, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad
+    dx = linear(grad, weight.t(), None) if need_x else None
+    rows = grad.reshape(-1, grad.shape[-1])
+    dw = rows.t().mm(x.reshape(-1, x.shape[-1])) if need_w else None
+    db = rows.sum(0) if need_b and ctx.has_bias else None
+    return dx, dw, db
+
+
+linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+class AcceleratedLinear(nn.Linear):
+    """``nn.Linear`` computing through ``mmbiformer::linear`` (same
+    parameters and results to float rounding)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def accelerate(model: nn.Module) -> int:
+    """Swap every plain ``nn.Linear`` of ``model`` for
+    :class:`AcceleratedLinear`, in place (parameters, buffers and the state
+    dict unchanged). Returns how many were swapped."""
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = AcceleratedLinear
+            count += 1
+    return count
