@@ -95,8 +95,13 @@ def compare(arch, size, n_win, batch=2):
     compile_s = time.time() - t0
     out_diff = max((a - b).abs().max().item()
                    for a, b in zip(comp[0], eager[0]))
-    grad_rel = max(((comp[1][n] - g).norm() / g.norm().clamp_min(1e-12))
-                   .item() for n, g in eager[1].items())
+    # relative gradient errors, over the gradients that are not zero in
+    # exact arithmetic (the conv biases before BatchNorm are rounding
+    # noise, about 1e-6 of the largest gradient: they are left out)
+    largest = max(g.norm().item() for g in eager[1].values())
+    grad_rel = max(((comp[1][n] - g).norm() / g.norm()).item()
+                   for n, g in eager[1].items()
+                   if g.norm().item() > 1e-5 * largest)
     gaps = []
     for logits, idx in eager_routes:
         k = idx.shape[-1]
