@@ -141,7 +141,7 @@ def _forward(device: str, q: Tensor, k: Tensor, v: Tensor,
 
 
 def _backward(device: str, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
-              out: Tensor, lse: Tensor, topk_index: Tensor,
+              out: Optional[Tensor], lse: Tensor, topk_index: Tensor,
               key_valid: Optional[Tensor], n_win: int, heads: int,
               scale: float, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     impl = implementation(device, backend, q, v, heads, key_valid)
@@ -164,10 +164,12 @@ def bra_forward(q: Tensor, k: Tensor, v: Tensor, topk_index: Tensor,
 
 @torch.library.custom_op('mmbiformer::bra_backward', mutates_args=())
 def bra_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
-                 out: Tensor, lse: Tensor, topk_index: Tensor,
+                 out: Optional[Tensor], lse: Tensor, topk_index: Tensor,
                  key_valid: Optional[Tensor], n_win: int, heads: int,
                  scale: float, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """Gradients of ``q``, ``k``, ``v`` (contiguous, their shapes)."""
+    """Gradients of ``q``, ``k``, ``v`` (contiguous, their shapes); ``out``
+    may be ``None`` for an implementation whose ``NEEDS_OUTPUT`` is
+    false."""
     return _backward('other', grad_out, q, k, v, out, lse, topk_index,
                      key_valid, n_win, heads, scale, backend)
 
@@ -203,7 +205,12 @@ def _(grad_out, q, k, v, out, lse, topk_index, key_valid, n_win, heads,
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, topk_index, key_valid, n_win, heads, scale, backend = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, topk_index, key_valid)
+    # the output only where the backward reads it (the C++ one does not):
+    # the implementation the registration of q's device took
+    device = q.device.type if q.device.type in ('cpu', 'cuda') else 'other'
+    impl = implementation(device, backend, q, v, heads, key_valid)
+    ctx.save_for_backward(q, k, v, out if impl.NEEDS_OUTPUT else None, lse,
+                          topk_index, key_valid)
     ctx.args = (n_win, heads, scale, backend)
 
 

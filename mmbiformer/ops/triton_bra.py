@@ -39,6 +39,9 @@ from torch import Tensor
 __all__ = ['BACKWARD', 'applies', 'backward', 'backward_mode', 'forward',
            'inverted_routing']
 
+#: :func:`backward` reads the forward's output
+NEEDS_OUTPUT = True
+
 _MAX_HEAD_DIM = 256
 
 

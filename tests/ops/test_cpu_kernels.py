@@ -131,3 +131,20 @@ def test_pinned_capability_level(level):
                           timeout=900)
     assert proc.returncode == 0 and 'ok' in proc.stdout, \
         proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+@needs_kernels
+def test_cpu_kernels_do_not_keep_the_output():
+    """The C++ backward needs no forward output, so the operator saves one
+    tensor fewer for it than for the portable implementation."""
+    maps, graph = make_maps(1, 2, 2, 2, 2, 2, 16, 16)
+    q, k, v = (t.detach().requires_grad_() for t in maps)
+    saved = {}
+    for backend in ('cpu', 'torch'):
+        shapes = saved.setdefault(backend, [])
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t, shapes=shapes: shapes.append(tuple(t.shape)) or t,
+                lambda t: t):
+            bra_forward(q, k, v, graph.topk_index, None, 2, 2, 0.4, backend)
+    out_shape = tuple(v.shape)
+    assert saved['torch'].count(out_shape) == saved['cpu'].count(out_shape) + 1
