@@ -92,7 +92,7 @@ def implementation(device: str, backend: str, q: Tensor, v: Tensor,
         return bra_torch
     if backend == 'cpu' or (backend == 'auto' and device == 'cpu'):
         if backend == 'auto' and cpu_ext.capability() != 'avx512':
-            # the kernels were tuned on AVX-512; at AVX2 they were 1.8-7x
+            # the kernels were tuned on AVX-512; at AVX2 they were 2.3-8.5x
             # slower than the portable code (docs/benchmarks.md)
             return bra_torch
         why = (f'the tensors are on {q.device.type}' if device != 'cpu'
@@ -107,16 +107,14 @@ def implementation(device: str, backend: str, q: Tensor, v: Tensor,
     if backend == 'auto' and device != 'cuda':
         return bra_torch
     # 'triton', or 'auto' on CUDA
-    why = None
-    if not triton_available(q.device):
-        why = (f'Triton cannot run on {q.device.type} tensors (CUDA, or '
-               'TRITON_INTERPRET=1 for its interpreter)')
-    else:
+    if triton_available(q.device):
         from . import triton_bra
         why = triton_bra.applies(q, v, heads)
-    if why is None:
-        from . import triton_bra
-        return triton_bra
+        if why is None:
+            return triton_bra
+    else:
+        why = (f'Triton cannot run on {q.device.type} tensors (CUDA, or '
+               'TRITON_INTERPRET=1 for its interpreter)')
     if backend == 'auto':
         return bra_torch
     raise ValueError(f"backend='triton' does not apply: {why}. Use "

@@ -151,7 +151,6 @@ class BiLevelRoutingAttention(nn.Module):
             raise ValueError(
                 'BiLevelRoutingAttention expects channels-last input (N, H, '
                 f'W, C={self.dim}), got shape {tuple(x.shape)}')
-        check_backend(self.backend)
         _, h, w, _ = x.shape
         pad_b, pad_r, padded = self._pads(h, w)
         if padded:
