@@ -22,7 +22,11 @@ from ..ops.module import PAD_MODES
 from .layers import BiFormerBlock, GlobalAttention, LayerNorm2d
 
 ARCH_KEYS = ('embed_dims', 'depths', 'head_dim', 'mlp_ratios', 'topks')
-OPTIONAL_ARCH_KEYS = ('qk_dims', )
+#: optional arch keys and their defaults (those of BiFormer-T/S/B)
+ARCH_DEFAULTS = dict(qk_dims=None, stem='conv', pos_embed=True,
+                     global_lepe='x', pad_mode='legacy')
+OPTIONAL_ARCH_KEYS = tuple(ARCH_DEFAULTS)
+STEMS = ('conv', 'patch')
 OUT_NORMS = ('bn', 'ln', None)
 
 
@@ -36,7 +40,9 @@ class BiFormer(BaseModule):
 
     Architecture (as the official model): a convolutional stem (Conv3x3 s2
     to ``C0/2``, BN, GELU, Conv3x3 s2 to ``C0``, BN) and between stages a
-    Conv3x3 s2 + BN; four stages of :class:`~.layers.BiFormerBlock`. Stages
+    Conv3x3 s2 + BN (``stem='conv'``), or Swin's layout (``stem='patch'``,
+    BiFormer-STL: a Conv4x4 s4 + BN patch embedding, BN + Conv2x2 s2 patch
+    merging); four stages of :class:`~.layers.BiFormerBlock`. Stages
     with ``topk > 0`` use bi-level routing attention
     (:class:`mmbiformer.ops.BiLevelRoutingAttention`, ``num_heads = C //
     head_dim``, ``qk_dim`` = ``qk_dims[i]``, LePE 5x5); a stage with
@@ -45,10 +51,21 @@ class BiFormer(BaseModule):
     LePE.
 
     Args:
-        arch (str | dict): ``'tiny'``, ``'small'``, ``'base'`` or a dict
-            with keys ``embed_dims``, ``depths``, ``head_dim``,
-            ``mlp_ratios``, ``topks`` and optionally ``qk_dims`` (defaults to
-            ``embed_dims``). Defaults to ``'tiny'``.
+        arch (str | dict): ``'tiny'``, ``'small'``, ``'base'``, ``'stl'``,
+            ``'stl_nchw'`` or a dict with keys ``embed_dims``, ``depths``,
+            ``head_dim``, ``mlp_ratios``, ``topks`` and optionally
+            ``qk_dims`` (defaults to ``embed_dims``), ``stem`` (``'conv'``
+            or ``'patch'``), ``pos_embed`` (the per-block depthwise conv;
+            True), ``global_lepe`` (what the LePE of the global attention
+            convolves, ``'x'`` or ``'v'``) and ``pad_mode`` (the default of
+            the argument below; ``'legacy'``). ``'stl'`` and ``'stl_nchw'``
+            are the official ablation models BiFormer-STL and
+            BiFormer-STL-nchw (Swin-T layout: patch stem, no position
+            conv, depths 2-2-6-2, widths 96-768, MLP ratio 4, ``n_win`` 7 in
+            every stage); ``'stl_nchw'`` has the rules of the refactored
+            official op (``pad_mode='after_qkv'``) and a LePE of ``v`` in the
+            last stage. Its checkpoints' 1x1 convs are our linear layers
+            (see :mod:`~.checkpoint`). Defaults to ``'tiny'``.
         in_channels (int): Input channels. Defaults to 3.
         n_win (int): Regions per side of the routing grid. Official values:
             7 (classification at 224), 16 (detection), 8 (segmentation).
@@ -69,9 +86,13 @@ class BiFormer(BaseModule):
         auto_pad (bool): Pad feature maps whose size is not a multiple of
             ``n_win`` inside each routing attention (and crop back). Without
             it such inputs raise a ``ValueError``. Defaults to False.
-        pad_mode (str): ``'legacy'`` (the official behaviour: zero padding
-            before the qkv projection, padded tokens take part in routing and
-            attention) or ``'masked'`` (padded tokens are ignored).
+        pad_mode (str, optional): ``'legacy'`` (the official behaviour:
+            zero padding before the qkv projection, padded tokens take part
+            in routing and attention), ``'masked'`` (padded tokens are
+            ignored) or ``'after_qkv'`` (the official STL-nchw rules, see
+            :class:`mmbiformer.ops.BiLevelRoutingAttention`). None (default)
+            takes the arch's: ``'after_qkv'`` for ``'stl_nchw'``, else
+            ``'legacy'``.
         attn_backend (str): Backend of the routing attention (``'auto'``,
             ``'cpu'``, ``'triton'``, ``'torch'``, ``'official'``,
             ``'reference'``; see :mod:`mmbiformer.ops.bra`); changeable
@@ -96,7 +117,9 @@ class BiFormer(BaseModule):
     Inputs and outputs:
         ``x`` (N, in_channels, H, W) -> tuple of (N, C_i, H_i, W_i) for ``i``
         in ``out_indices``, with ``C_i = embed_dims[i]`` and ``H_i =
-        ceil(H / 2 ** (i + 2))`` (likewise ``W_i``).
+        ceil(H / 2 ** (i + 2))`` (likewise ``W_i``); with ``stem='patch'``
+        (the STL archs) ``H_i = H // 2 ** (i + 2)``, so their inputs need
+        sides of at least 32.
 
     Bad input:
         * Configuration errors (unknown ``arch``, ``attn_backend`` or
@@ -147,6 +170,26 @@ class BiFormer(BaseModule):
             head_dim=32,
             mlp_ratios=[3, 3, 3, 3],
             topks=[1, 4, 16, -2]),
+        # the official ablation models (Swin-T layout); their last stage
+        # is the 8-head global attention with LePE
+        'stl': dict(
+            embed_dims=[96, 192, 384, 768],
+            depths=[2, 2, 6, 2],
+            head_dim=32,
+            mlp_ratios=[4, 4, 4, 4],
+            topks=[1, 4, 16, -2],
+            stem='patch',
+            pos_embed=False),
+        'stl_nchw': dict(
+            embed_dims=[96, 192, 384, 768],
+            depths=[2, 2, 6, 2],
+            head_dim=32,
+            mlp_ratios=[4, 4, 4, 4],
+            topks=[1, 4, 16, -2],
+            stem='patch',
+            pos_embed=False,
+            global_lepe='v',
+            pad_mode='after_qkv'),
     }
     arch_zoo['t'] = arch_zoo['tiny']
     arch_zoo['s'] = arch_zoo['small']
@@ -165,7 +208,7 @@ class BiFormer(BaseModule):
                  pos_embed_kernel: int = 3,
                  global_attn_heads: int = 8,
                  auto_pad: bool = False,
-                 pad_mode: str = 'legacy',
+                 pad_mode: Optional[str] = None,
                  attn_backend: str = 'auto',
                  norm_cfg: Optional[dict] = None,
                  frozen_stages: int = 0,
@@ -176,6 +219,8 @@ class BiFormer(BaseModule):
         super().__init__(init_cfg=init_cfg)
         norm_cfg = norm_cfg or dict(type='BN')
         self.arch_settings = self._parse_arch(arch)
+        if pad_mode is None:
+            pad_mode = self.arch_settings['pad_mode']
         self._check_config(in_channels, n_win, attn_backend, pad_mode)
         embed_dims = self.arch_settings['embed_dims']
         depths = self.arch_settings['depths']
@@ -204,26 +249,8 @@ class BiFormer(BaseModule):
         #: report of the last ``Pretrained`` load (see ``init_weights``)
         self.checkpoint_report: Optional[dict] = None
 
-        # stem and downsampling layers (official names and indices)
-        c0 = embed_dims[0]
-        stem = nn.Sequential(
-            nn.Conv2d(in_channels, c0 // 2, 3, stride=2, padding=1),
-            build_norm_layer(norm_cfg, c0 // 2)[1],
-            nn.GELU(),
-            nn.Conv2d(c0 // 2, c0, 3, stride=2, padding=1),
-            build_norm_layer(norm_cfg, c0)[1],
-        )
-        self.downsample_layers = nn.ModuleList([stem])
-        for i in range(1, self.num_stages):
-            self.downsample_layers.append(
-                nn.Sequential(
-                    nn.Conv2d(
-                        embed_dims[i - 1],
-                        embed_dims[i],
-                        3,
-                        stride=2,
-                        padding=1),
-                    build_norm_layer(norm_cfg, embed_dims[i])[1]))
+        self.downsample_layers = self._make_downsampling(
+            self.arch_settings['stem'], in_channels, embed_dims, norm_cfg)
 
         dpr = torch.linspace(
             0, drop_path_rate, sum(depths), device='cpu').tolist()
@@ -241,7 +268,9 @@ class BiFormer(BaseModule):
                         attn,
                         mlp_ratio=mlp_ratios[i],
                         drop_path=dpr[cur + j],
-                        pos_embed_kernel=pos_embed_kernel))
+                        pos_embed_kernel=(pos_embed_kernel
+                                          if self.arch_settings['pos_embed']
+                                          else 0)))
             self.stages.append(nn.ModuleList(blocks))
             cur += depths[i]
 
@@ -284,7 +313,14 @@ class BiFormer(BaseModule):
             raise TypeError(
                 f'arch must be a str or a dict, got {type(arch).__name__}')
 
-        settings.setdefault('qk_dims', None)
+        for key, default in ARCH_DEFAULTS.items():
+            settings.setdefault(key, default)
+        if settings['stem'] not in STEMS:
+            raise ValueError(f"arch['stem'] must be one of {STEMS}, got "
+                             f"{settings['stem']!r}")
+        if settings['global_lepe'] not in ('x', 'v'):
+            raise ValueError("arch['global_lepe'] must be 'x' or 'v', got "
+                             f"{settings['global_lepe']!r}")
         if settings['qk_dims'] is None:
             settings['qk_dims'] = list(settings['embed_dims'])
         for key in ('embed_dims', 'depths', 'mlp_ratios', 'topks',
@@ -347,6 +383,37 @@ class BiFormer(BaseModule):
             raise ValueError(f'Duplicate out_indices: {out_indices}')
         return tuple(sorted(parsed))
 
+    @staticmethod
+    def _make_downsampling(stem: str, in_channels: int,
+                           embed_dims: List[int],
+                           norm_cfg: dict) -> nn.ModuleList:
+        """The stem and the three downsampling layers, with the official
+        names and indices (``downsample_layers.{i}.{j}``)."""
+        c0 = embed_dims[0]
+        if stem == 'patch':  # Swin's patch embedding and patch merging
+            layers = [nn.Sequential(
+                nn.Conv2d(in_channels, c0, 4, stride=4),
+                build_norm_layer(norm_cfg, c0)[1])]
+            for i in range(1, len(embed_dims)):
+                layers.append(nn.Sequential(
+                    build_norm_layer(norm_cfg, embed_dims[i - 1])[1],
+                    nn.Conv2d(embed_dims[i - 1], embed_dims[i], 2,
+                              stride=2)))
+            return nn.ModuleList(layers)
+        layers = [nn.Sequential(
+            nn.Conv2d(in_channels, c0 // 2, 3, stride=2, padding=1),
+            build_norm_layer(norm_cfg, c0 // 2)[1],
+            nn.GELU(),
+            nn.Conv2d(c0 // 2, c0, 3, stride=2, padding=1),
+            build_norm_layer(norm_cfg, c0)[1],
+        )]
+        for i in range(1, len(embed_dims)):
+            layers.append(nn.Sequential(
+                nn.Conv2d(embed_dims[i - 1], embed_dims[i], 3, stride=2,
+                          padding=1),
+                build_norm_layer(norm_cfg, embed_dims[i])[1]))
+        return nn.ModuleList(layers)
+
     def _make_attn(self, dim: int, qk_dim: int, head_dim: int, topk: int,
                    side_dwconv: int, global_attn_heads: int,
                    attn_backend: str) -> nn.Module:
@@ -367,7 +434,8 @@ class BiFormer(BaseModule):
         return GlobalAttention(
             dim,
             num_heads=global_attn_heads,
-            side_dwconv=side_dwconv if topk == -2 else 0)
+            side_dwconv=side_dwconv if topk == -2 else 0,
+            lepe_input=self.arch_settings['global_lepe'])
 
     # ------------------------------------------------------------ backends
     def routing_attentions(self) -> List[nn.Module]:
@@ -541,6 +609,10 @@ class BiFormer(BaseModule):
         shapes = []
         for i in self.out_indices:
             s = 2**(i + 2)
-            shapes.append((self.embed_dims[i], math.ceil(height / s),
-                           math.ceil(width / s)))
+            if self.arch_settings['stem'] == 'patch':  # unpadded strided
+                shapes.append((self.embed_dims[i], height // 4 // (s // 4),
+                               width // 4 // (s // 4)))
+            else:
+                shapes.append((self.embed_dims[i], math.ceil(height / s),
+                               math.ceil(width / s)))
         return shapes

@@ -6,7 +6,14 @@ Three layouts are understood:
     The authors' ImageNet checkpoints: ``{'model': state_dict}`` with keys
     such as ``downsample_layers.0.0.weight``,
     ``stages.2.5.attn.qkv.qkv.weight``,
-    ``norm.*`` (the BatchNorm after the last stage) and ``head.*``.
+    ``norm.*`` (the BatchNorm after the last stage) and ``head.*``. Those
+    of the ablation models BiFormer-STL and -STL-nchw name blocks
+    ``stages.{i}.blocks.{j}`` and their MLPs ``mlp.0`` / ``mlp.2``; in
+    STL-nchw the projections are 1x1 convs (``attn.qkv_linear``,
+    ``attn.output_linear``, the MLP, the last stage's ``attn.qkv`` and
+    ``attn.proj``). They map to ``stages.{i}.{j}``, ``mlp.0`` / ``mlp.3``,
+    ``attn.qkv.qkv``, ``attn.wo`` and linear weights (the same numbers,
+    ``(out, in, 1, 1)`` -> ``(out, in)``).
 ``official_dense``
     The authors' mmdet/mmseg checkpoints: ``{'state_dict': ...}`` with the
     backbone under ``backbone.`` and a LayerNorm2d per output stored as
@@ -39,6 +46,14 @@ MM = 'mm'
 
 LAST_STAGE = 3
 _EXTRA_NORM = re.compile(r'^extra_norms\.(\d+)\.(.+)$')
+#: a block of the official STL models: ``stages.{i}.blocks.{j}.<rest>``
+_STL_BLOCK = re.compile(r'^stages\.(\d+)\.blocks\.(\d+)\.(.+)$')
+#: inside such a block: official name -> ours
+_STL_RENAMES = (('mlp.2.', 'mlp.3.'), ('attn.qkv_linear.', 'attn.qkv.qkv.'),
+                ('attn.output_linear.', 'attn.wo.'))
+#: weights that are 1x1 convs in STL-nchw and linear layers here
+_STL_LINEARS = ('mlp.0.weight', 'mlp.3.weight', 'attn.qkv.qkv.weight',
+                'attn.wo.weight', 'attn.qkv.weight', 'attn.proj.weight')
 _BACKBONE_ROOTS = ('downsample_layers.', 'stages.')
 
 
@@ -148,7 +163,27 @@ def official_to_mm_backbone_key(key: str) -> str:
         return f'norm{match.group(1)}.{match.group(2)}'
     if key.startswith('norm.'):
         return f'norm{LAST_STAGE}.' + key[len('norm.'):]
+    match = _STL_BLOCK.match(key)
+    if match:
+        rest = match.group(3)
+        for old, new in _STL_RENAMES:
+            if rest.startswith(old):
+                rest = new + rest[len(old):]
+                break
+        return f'stages.{match.group(1)}.{match.group(2)}.{rest}'
     return key
+
+
+def official_to_mm_backbone_item(key: str, value: torch.Tensor
+                                 ) -> Tuple[str, torch.Tensor]:
+    """Map one official backbone key and its tensor to ours: the key as
+    :func:`official_to_mm_backbone_key`, and the 1x1 conv weights of
+    STL-nchw's projections and MLP as linear weights."""
+    new = official_to_mm_backbone_key(key)
+    if _STL_BLOCK.match(key) and new.endswith(_STL_LINEARS) and \
+            value.dim() == 4 and tuple(value.shape[2:]) == (1, 1):
+        value = value.flatten(1)
+    return new, value
 
 
 def convert_official_checkpoint(checkpoint: dict) -> Tuple[dict, str]:
@@ -172,13 +207,14 @@ def convert_official_checkpoint(checkpoint: dict) -> Tuple[dict, str]:
             if key.startswith('head.'):
                 converted['head.fc.' + key[len('head.'):]] = value
             else:
-                converted['backbone.' +
-                          official_to_mm_backbone_key(key)] = value
+                key, value = official_to_mm_backbone_item(key, value)
+                converted['backbone.' + key] = value
     elif fmt == OFFICIAL_DENSE:
         for key, value in state_dict.items():
             if key.startswith('backbone.'):
-                key = 'backbone.' + official_to_mm_backbone_key(
-                    key[len('backbone.'):])
+                key, value = official_to_mm_backbone_item(
+                    key[len('backbone.'):], value)
+                key = 'backbone.' + key
             converted[key] = value
     else:
         raise ValueError('The checkpoint is already in the OpenMMLab layout '
@@ -227,7 +263,7 @@ def backbone_state_dict(
         if key.startswith('head.'):
             dropped.append(key)
             continue
-        new = official_to_mm_backbone_key(key)
+        new, value = official_to_mm_backbone_item(key, value)
         if new != key:
             renamed[key] = new
         mapped[new] = value
@@ -275,8 +311,8 @@ def backbone_architecture(state_dict: Dict[str, torch.Tensor]) -> dict:
 
     Returns:
         dict: ``depths`` (blocks per stage, from the ``stages.{i}.{j}.``
-        keys) and ``embed_dims`` (output channels of each stage's stem or
-        downsampling conv; None where the tensor is absent).
+        keys) and ``embed_dims`` (the width of each stage's first block,
+        from its ``norm1``; None where the tensor is absent).
     """
     blocks: Dict[int, set] = {}
     for key in state_dict:
@@ -288,16 +324,21 @@ def backbone_architecture(state_dict: Dict[str, torch.Tensor]) -> dict:
     depths = [len(blocks.get(i, ())) for i in range(n_stages)]
     dims = []
     for i in range(n_stages):
-        # the stem's second conv, or a downsampling layer's conv
-        key = ('downsample_layers.0.3.weight' if i == 0 else
-               f'downsample_layers.{i}.0.weight')
-        value = state_dict.get(key)
+        # the width of the stage's first block (every layout has norm1)
+        value = state_dict.get(f'stages.{i}.0.norm1.weight')
         dims.append(int(value.shape[0]) if value is not None else None)
     return dict(depths=depths, embed_dims=dims)
 
 
+#: the published names of the named archs
+ARCH_TITLES = {'tiny': 'BiFormer-T', 'small': 'BiFormer-S',
+               'base': 'BiFormer-B', 'stl': 'BiFormer-STL',
+               'stl_nchw': 'BiFormer-STL-nchw'}
+
+
 def architecture_name(arch: dict) -> str:
-    """``'BiFormer-T (depths [2, 2, 8, 2], embed_dims [64, 128, 256, 512])'``
+    """``'BiFormer-T (tiny: depths [2, 2, 8, 2], embed_dims [64, 128, 256,
+    512])'``
     or ``'a custom BiFormer (...)'`` when no named architecture has those
     depths and widths."""
     detail = f'depths {arch["depths"]}, embed_dims {arch["embed_dims"]}'
@@ -306,10 +347,14 @@ def architecture_name(arch: dict) -> str:
         zoo = BiFormer.arch_zoo
     except Exception:  # noqa: BLE001 (the name is a nicety)
         zoo = {}
-    for name, settings in zoo.items():
-        if len(name) > 1 and list(settings['depths']) == arch['depths'] \
-                and list(settings['embed_dims']) == arch['embed_dims']:
-            return f'BiFormer-{name[0].upper()} ({name}: {detail})'
+    names = [name for name, settings in zoo.items()
+             if name in ARCH_TITLES
+             and list(settings['depths']) == arch['depths']
+             and list(settings['embed_dims']) == arch['embed_dims']]
+    if names:
+        # STL and STL-nchw have the same depths and widths
+        titles = ' or '.join(ARCH_TITLES[n] for n in names)
+        return f'{titles} ({" or ".join(names)}: {detail})'
     return f'a custom BiFormer ({detail})'
 
 

@@ -75,7 +75,8 @@ class GlobalAttention(nn.Module):
     The LePE (a depthwise conv) is applied to the attention's *input* ``x``
     (the normalised block input), not to the values ``v``: this is what the
     official model computes (the reference fixtures decide it; applying it
-    to ``v`` instead changes the last stage output by ~1).
+    to ``v`` instead changes the last stage output by ~1). The official
+    BiFormer-STL-nchw applies it to ``v`` (``lepe_input='v'``).
 
     The attention runs as ``F.scaled_dot_product_attention`` (the same
     result as softmax(q k^T * scale) v to ~1e-6; on the CPU it was ~3x
@@ -91,6 +92,9 @@ class GlobalAttention(nn.Module):
         qk_scale (float, optional): Overrides ``(C / num_heads) ** -0.5``.
         side_dwconv (int): LePE kernel size; 0 disables the LePE.
             Defaults to 5.
+        lepe_input (str): What the LePE convolves: ``'x'`` (the input, as
+            BiFormer and BiFormer-STL) or ``'v'`` (the values, as
+            BiFormer-STL-nchw). Defaults to ``'x'``.
 
     Shape:
         ``x`` (N, H, W, C) -> (N, H, W, C).
@@ -101,14 +105,19 @@ class GlobalAttention(nn.Module):
                  num_heads: int = 8,
                  qkv_bias: bool = False,
                  qk_scale: Optional[float] = None,
-                 side_dwconv: int = 5) -> None:
+                 side_dwconv: int = 5,
+                 lepe_input: str = 'x') -> None:
         super().__init__()
+        if lepe_input not in ('x', 'v'):
+            raise ValueError(
+                f"lepe_input must be 'x' or 'v', got {lepe_input!r}")
         if dim % num_heads != 0:
             raise ValueError(
                 f'dim ({dim}) must be divisible by num_heads ({num_heads})')
         self.dim = dim
         self.num_heads = num_heads
         self.scale = qk_scale or (dim // num_heads)**-0.5
+        self.lepe_input = lepe_input
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         if side_dwconv > 0:
@@ -125,12 +134,15 @@ class GlobalAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         out = out.transpose(1, 2).reshape(n, h, w, c)
         if self.lepe is not None:
-            lepe = self.lepe(x.permute(0, 3, 1, 2))
-            out = out + lepe.permute(0, 2, 3, 1)
+            # (N, C, H, W) view of x, or of v (heads back along channels)
+            src = x.permute(0, 3, 1, 2) if self.lepe_input == 'x' else \
+                v.transpose(2, 3).reshape(n, c, h, w)
+            out = out + self.lepe(src).permute(0, 2, 3, 1)
         return self.proj(out)
 
     def extra_repr(self) -> str:
-        return f'dim={self.dim}, num_heads={self.num_heads}'
+        return (f'dim={self.dim}, num_heads={self.num_heads}, '
+                f'lepe_input={self.lepe_input!r}')
 
 
 class BiFormerBlock(nn.Module):

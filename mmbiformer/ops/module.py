@@ -7,11 +7,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .bra import BACKENDS, bra, check_backend
-from .routing import region_graph
+from .routing import floor_region_grid, region_graph
 
 __all__ = ['BACKENDS', 'BiLevelRoutingAttention', 'PAD_MODES', 'QKVLinear']
 
-PAD_MODES = ('legacy', 'masked')
+PAD_MODES = ('legacy', 'masked', 'after_qkv')
 
 
 class QKVLinear(nn.Module):
@@ -53,9 +53,17 @@ class BiLevelRoutingAttention(nn.Module):
         auto_pad: zero-pad bottom/right to multiples of ``n_win`` (else the
             map must be divisible by ``n_win``); the output is cropped back.
         pad_mode: ``'legacy'`` (padded tokens go through ``qkv`` and take
-            part in routing and attention, as in the official code) or
+            part in routing and attention, as in the official code),
             ``'masked'`` (they are left out of the region means and are no
-            keys).
+            keys) or ``'after_qkv'``, the rules of the official
+            BiFormer-STL-nchw: regions of ``(H // n_win, W // n_win)``
+            tokens, as many as cover the map
+            (:func:`~.routing.floor_region_grid`), region means over the
+            real tokens only, ``q``, ``k`` and ``v`` zero-padded after the
+            projection, the padded keys inside the softmax (as zero logits
+            with zero values), the LePE of the unpadded ``v`` (the same as
+            the LePE of the zero-padded ``v``, cropped). Where ``n_win``
+            divides the map all three modes are the same.
         backend: attention backend (see :mod:`mmbiformer.ops.bra`); a plain
             attribute that can be changed at any time.
 
@@ -64,7 +72,9 @@ class BiLevelRoutingAttention(nn.Module):
         ``return_routing=True`` also a dict with ``topk_index`` ``(N, R,
         topk)``, ``routing_logits`` ``(N, R, R)`` (detached), ``n_win``,
         ``padded_hw`` ``(Hp, Wp)``, ``region_hw`` ``(Hp // n_win, Wp //
-        n_win)`` and ``backend``, with ``R = n_win ** 2``.
+        n_win)`` and ``backend``, with ``R = n_win ** 2`` (``n_win`` is the
+        grid of this call: more than the layer's for ``'after_qkv'`` on a
+        map that it does not divide).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, n_win: int = 7,
@@ -145,6 +155,16 @@ class BiLevelRoutingAttention(nn.Module):
                    f'resize the input to a multiple of {nw}'))
         return pad_b, pad_r, True
 
+    def _pads_after_qkv(self, h: int, w: int) -> Tuple[int, int, bool]:
+        """Bottom and right padding of ``pad_mode='after_qkv'`` (to the
+        square grid of :func:`~.routing.floor_region_grid`)."""
+        if h % self.n_win == 0 and w % self.n_win == 0:
+            return 0, 0, False
+        if not self.auto_pad:
+            self._pads(h, w)  # raises the error of the other modes
+        rh, rw, g = floor_region_grid(h, w, self.n_win)
+        return g * rh - h, g * rw - w, True
+
     def forward(self, x: Tensor, return_routing: bool = False
                 ) -> Union[Tensor, Tuple[Tensor, Dict[str, Any]]]:
         if x.dim() != 4 or x.shape[-1] != self.dim:
@@ -152,18 +172,27 @@ class BiLevelRoutingAttention(nn.Module):
                 'BiLevelRoutingAttention expects channels-last input (N, H, '
                 f'W, C={self.dim}), got shape {tuple(x.shape)}')
         _, h, w, _ = x.shape
-        pad_b, pad_r, padded = self._pads(h, w)
-        if padded:
-            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        n_win = self.n_win
+        if self.pad_mode == 'after_qkv':
+            pad_b, pad_r, padded = self._pads_after_qkv(h, w)
+            q, k, v = self.qkv(x)
+            if padded:
+                q, k, v = (F.pad(t, (0, 0, 0, pad_r, 0, pad_b))
+                           for t in (q, k, v))
+                n_win = floor_region_grid(h, w, self.n_win)[2]
+        else:
+            pad_b, pad_r, padded = self._pads(h, w)
+            if padded:
+                x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+            q, k, v = self.qkv(x)
         key_valid = None
-        if padded and self.pad_mode == 'masked':
-            rows = torch.arange(x.shape[1], device=x.device) < h
-            cols = torch.arange(x.shape[2], device=x.device) < w
+        if padded and self.pad_mode != 'legacy':
+            rows = torch.arange(q.shape[1], device=q.device) < h
+            cols = torch.arange(q.shape[2], device=q.device) < w
             key_valid = rows[:, None] & cols
 
-        q, k, v = self.qkv(x)
-        graph = region_graph(q, k, self.n_win, self.topk, self.scale,
-                             key_valid)
+        graph = region_graph(q, k, n_win, self.topk, self.scale, key_valid,
+                             mask_keys=self.pad_mode == 'masked')
         out = bra(q, k, v, graph, self.num_heads, self.scale, self.backend)
         if self.lepe is not None:
             out = out + self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
@@ -180,9 +209,9 @@ class BiLevelRoutingAttention(nn.Module):
             return out
         hp, wp = h + pad_b, w + pad_r
         info = dict(topk_index=graph.topk_index,
-                    routing_logits=graph.routing_logits, n_win=self.n_win,
+                    routing_logits=graph.routing_logits, n_win=n_win,
                     padded_hw=(hp, wp),
-                    region_hw=(hp // self.n_win, wp // self.n_win),
+                    region_hw=(hp // n_win, wp // n_win),
                     backend=self.backend)
         return out, info
 

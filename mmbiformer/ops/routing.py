@@ -16,7 +16,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ['RegionGraph', 'region_graph', 'region_means', 'route']
+__all__ = ['RegionGraph', 'floor_region_grid', 'region_graph',
+           'region_means', 'route']
 
 
 @dataclass(frozen=True)
@@ -131,14 +132,40 @@ def route(q_region: Tensor, k_region: Tensor, topk: int, scale: float,
     return logits, index
 
 
+def floor_region_grid(h: int, w: int, n_win: int) -> Tuple[int, int, int]:
+    """The region grid of BiFormer-STL-nchw's rule for an ``h x w`` map.
+
+    Regions are ``rh = h // n_win`` by ``rw = w // n_win`` tokens (at least
+    one), and as many of them as cover the map: ``ceil(h / rh)`` by
+    ``ceil(w / rw)``, which is ``n_win x n_win`` when ``n_win`` divides the
+    sides and can be more (e.g. 8 x 10 regions of 2 x 2 tokens for a 15 x
+    20 map and ``n_win=7``). The operator's grid is square, so the map is
+    padded to ``g x g`` regions with ``g`` the larger count (at least
+    ``n_win``); regions that hold padding only are never routed to when
+    :func:`region_graph` gets the valid tokens.
+
+    Returns:
+        ``(rh, rw, g)``: the padded map is ``(g * rh, g * rw)``.
+    """
+    rh, rw = max(h // n_win, 1), max(w // n_win, 1)
+    g = max(-(-h // rh), -(-w // rw), n_win)
+    return rh, rw, g
+
+
 def region_graph(q: Tensor, k: Tensor, n_win: int, topk: int, scale: float,
-                 key_valid: Optional[Tensor] = None) -> RegionGraph:
+                 key_valid: Optional[Tensor] = None,
+                 mask_keys: bool = True) -> RegionGraph:
     """The routing of BRA: region means of ``q`` and ``k`` (``(N, H, W,
     C)``), their affinities and the top-k regions of each region.
 
-    ``key_valid`` (``(H, W)`` bool) leaves invalid tokens out of the means
-    and regions without a valid token out of the routing; the graph keeps
-    it, so the attention skips those keys as well.
+    ``key_valid`` (``(H, W)`` bool, ``False`` on padding) leaves invalid
+    tokens out of the means and regions without a valid token out of the
+    routing. With ``mask_keys`` (default) the graph keeps it, so the
+    attention skips those keys as well (``pad_mode='masked'``). With
+    ``mask_keys=False`` the padded tokens stay keys and enter the softmax
+    with whatever ``k`` and ``v`` hold there: BiFormer-STL-nchw's rule,
+    where the padding is zeros added after the projection
+    (``pad_mode='after_qkv'``).
     """
     h, w = q.shape[1], q.shape[2]
     if h % n_win or w % n_win:
@@ -153,4 +180,5 @@ def region_graph(q: Tensor, k: Tensor, n_win: int, topk: int, scale: float,
             region_valid = key_valid.view(n_win, rh, n_win, rw).any(3).any(1)
             region_valid = region_valid.reshape(-1)
         logits, index = route(q_win, k_win, topk, scale, region_valid)
-    return RegionGraph(index, n_win, key_valid, logits)
+    return RegionGraph(index, n_win, key_valid if mask_keys else None,
+                       logits)
