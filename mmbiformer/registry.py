@@ -22,7 +22,11 @@ This is the one place that registers
 * the classification model zoo into mmpretrain's model hub
   (:func:`mmbiformer.model_zoo.register_mmpretrain_models`), so that
   ``mmpretrain.list_models('*biformer*')`` and ``mmpretrain.get_model``
-  know the BiFormer classifiers.
+  know the BiFormer classifiers;
+* token labeling (BiFormer-S*/B*) into mmpretrain: the classifier, head
+  and loss of :mod:`mmbiformer.models.token_labeling` into its ``MODELS``
+  and the label-map transforms of :mod:`mmbiformer.datasets` into its
+  ``TRANSFORMS``.
 
 Importing this module again registers nothing twice.
 """
@@ -97,6 +101,19 @@ def register_flop_handles() -> List[str]:
     return added
 
 
+def register_token_labeling() -> None:
+    """Register the token-labeling models and transforms into mmpretrain's
+    ``MODELS`` and ``TRANSFORMS``."""
+    from mmpretrain.registry import MODELS, TRANSFORMS
+
+    from .datasets.token_label import TRANSFORMS as TL_TRANSFORMS
+    from .models.token_labeling import MODELS as TL_MODELS
+    for name, cls in TL_MODELS.items():
+        _register(MODELS, name, cls)
+    for name, cls in TL_TRANSFORMS.items():
+        _register(TRANSFORMS, name, cls)
+
+
 def register_all_modules() -> List[str]:
     """Register the backbone, the op and the FLOP handles; returns the
     toolboxes whose ``MODELS`` hold the backbone."""
@@ -113,6 +130,7 @@ def register_all_modules() -> List[str]:
     if 'mmpretrain' in REGISTERED_IN:
         from .model_zoo import register_mmpretrain_models
         register_mmpretrain_models()
+        register_token_labeling()
     return list(REGISTERED_IN)
 
 
