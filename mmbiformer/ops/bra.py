@@ -32,10 +32,12 @@ backend     implementation
 ``torch``   the portable implementation (:mod:`~.bra_torch`), any device
 ==========  ===============================================================
 
-Two more backends are plain torch code, differentiated by autograd:
-``reference`` (dense attention with a mask, the test oracle) and
+Three more backends are plain torch code, differentiated by autograd:
+``reference`` (dense attention with a mask, the test oracle),
 ``official`` (the original algorithm, which copies the routed keys and
-values top-k times: the compatibility baseline).
+values top-k times: the compatibility baseline) and ``flex`` (torch's
+FlexAttention with a block mask of the routing, :mod:`~.flex_bra`: a
+candidate against the Triton kernels; forward only on the CPU).
 """
 import os
 from typing import Optional, Tuple
@@ -44,13 +46,19 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import (
+    FunctionalTensor,
+    FunctionalTensorMode,
+)
 
 from . import bra_torch, cpu_bra, cpu_ext
 from .routing import RegionGraph
 
 __all__ = ['BACKENDS', 'bra', 'implementation', 'triton_available']
 
-BACKENDS = ('auto', 'cpu', 'triton', 'torch', 'official', 'reference')
+BACKENDS = ('auto', 'cpu', 'triton', 'torch', 'official', 'reference',
+            'flex')
 #: backend names of earlier releases and what took their place
 _RENAMED = {'fused': 'torch', 'gather': 'torch'}
 
@@ -222,6 +230,57 @@ def _autograd(ctx, grad_out: Tensor, grad_lse: Optional[Tensor]):
 bra_forward.register_autograd(_autograd, setup_context=_setup_context)
 
 
+# ------------------------------------ what torch.compile sees of the op
+#
+# Below autograd, AOTAutograd traces the graph under FunctionalTensorMode.
+# Where the chosen implementation is Triton with traceable kernels (CUDA),
+# the public operator is replaced there by the Triton implementation's own
+# operators (``torch.library.triton_op``), which decompose into their
+# kernels: inductor then sees and schedules those kernels. Everywhere else
+# (the CPU, the interpreter, ``torch.export``) the operator stays one
+# opaque node.
+
+def _traced_implementation(q, v, key_valid, heads, backend):
+    """The Triton module if the operator called on these inputs is to be
+    decomposed into its kernels, else None."""
+    try:
+        from torch.export._trace import (
+            custom_triton_ops_decomposition_disabled,
+        )
+        if custom_triton_ops_decomposition_disabled():
+            return None
+    except ImportError:  # pragma: no cover (other torch versions)
+        pass
+    device = q.device.type if q.device.type in ('cpu', 'cuda') else 'other'
+    impl = implementation(device, backend, q, v, heads, key_valid)
+    if impl.__name__.endswith('triton_bra') and impl.traceable():
+        return impl
+    return None
+
+
+def _decompose(forward: bool):
+    def rule(mode, op, types, args, kwargs):
+        plain = (torch.Tensor, FunctionalTensor)
+        if kwargs or any(not issubclass(t, plain) and
+                         not issubclass(t, FakeTensor) for t in types):
+            return mode.__torch_dispatch__(op, types, args, kwargs)
+        # forward: q, k, v, topk_index, key_valid, n_win, heads, scale,
+        # backend; backward: grad_out first, out and lse after v
+        q, v = (args[0], args[2]) if forward else (args[1], args[3])
+        impl = _traced_implementation(q, v, args[-5], args[-3], args[-1])
+        if impl is None or q.shape[0] == 0:
+            return mode.__torch_dispatch__(op, types, args, kwargs)
+        with mode:
+            if forward:
+                return impl.forward(*args[:-1])
+            return impl.backward(*args[:-1])
+    return rule
+
+
+bra_forward.register_torch_dispatch(FunctionalTensorMode, _decompose(True))
+bra_backward.register_torch_dispatch(FunctionalTensorMode, _decompose(False))
+
+
 # ------------------------------------------------- plain-torch backends
 
 def _reference(q: Tensor, k: Tensor, v: Tensor, graph: RegionGraph,
@@ -314,6 +373,9 @@ def bra(q: Tensor, k: Tensor, v: Tensor, graph: RegionGraph, heads: int,
         return _reference(q, k, v, graph, heads, scale)
     if backend == 'official':
         return _official(q, k, v, graph, heads, scale)
+    if backend == 'flex':
+        from . import flex_bra
+        return flex_bra.forward(q, k, v, graph, heads, scale)
     out, _ = bra_forward(q, k, v, graph.topk_index, graph.key_valid,
                          graph.n_win, heads, scale, backend)
     return out

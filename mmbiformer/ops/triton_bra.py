@@ -26,6 +26,20 @@ equal to rounding from run to run, not bit for bit. Under
 instead: dQ per query block, then dK/dV per key block from the query
 regions routed to its region (an inverted routing index), every gradient
 row written once.
+
+Both passes are operators of their own, ``mmbiformer::bra_triton_forward``
+and ``mmbiformer::bra_triton_backward``, made with
+``torch.library.triton_op``: every kernel is launched through
+``torch.library.wrap_triton``, so where the public operator
+(:mod:`~.bra`) is decomposed for ``torch.compile`` (CUDA), inductor sees
+the kernels themselves and schedules them with the rest of the graph
+instead of calling an opaque operator. Under the interpreter the kernels
+cannot be traced (:func:`traceable`) and the public operator stays whole.
+
+Precision: float16/bfloat16 inputs are read and written in their dtype;
+the products accumulate in float32, as do the online softmax, the
+log-sum-exp, ``dq`` and ``dk``/``dv`` (the atomic backward's buffers are
+float32 too).
 """
 from __future__ import annotations
 
@@ -35,9 +49,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import triton_op, wrap_triton
 
 __all__ = ['BACKWARD', 'applies', 'backward', 'backward_mode', 'forward',
-           'inverted_routing']
+           'inverted_routing', 'traceable']
 
 #: :func:`backward` reads the forward's output
 NEEDS_OUTPUT = True
@@ -349,7 +364,7 @@ def _launch_forward(g: _Geometry, q: Tensor, k: Tensor, v: Tensor,
         return lse
     bm, bn, bd, bdv = _blocks(g.tq, g.topk * g.tk, g.d, g.dv)
     grid = (triton.cdiv(g.tq, bm), g.batch * g.heads * g.regions)
-    _bra_fwd_kernel[grid](
+    wrap_triton(_bra_fwd_kernel)[grid](
         q, k, v, idx, idx if mask is None else mask, out, lse, scale,
         g.heads, g.regions, g.kv_regions, g.tq, g.tk, g.topk, g.d, g.dv,
         g.nwq, g.rwq, g.nwk, g.rwk, *(x for lay in layouts for x in lay),
@@ -409,9 +424,8 @@ def inverted_routing(topk_index: Tensor, kv_regions: int
     counts = torch.zeros(b, kv_regions, dtype=torch.int32,
                          device=flat.device)
     counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.int32))
-    start = torch.zeros(b, kv_regions + 1, dtype=torch.int32,
-                        device=flat.device)
-    torch.cumsum(counts, 1, out=start[:, 1:])
+    start = torch.cat([counts.new_zeros(b, 1),
+                       torch.cumsum(counts, 1, dtype=torch.int32)], dim=1)
     return routers.contiguous(), start
 
 
@@ -434,10 +448,10 @@ def _launch_backward(g: _Geometry, q: Tensor, k: Tensor, v: Tensor,
     grid = (triton.cdiv(g.tq, bm), g.batch * g.heads * g.regions)
     atomic = mode == 'atomic'
     delta = lse if atomic else torch.empty_like(lse)
-    _bra_bwd_kernel[grid](q, k, v, idx, mask, out, grad_out, lse, delta, dq,
-                          dk, dv, scale, *sizes, *lay, ATOMIC_DKDV=atomic,
-                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv,
-                          **opts)
+    wrap_triton(_bra_bwd_kernel)[grid](
+        q, k, v, idx, mask, out, grad_out, lse, delta, dq, dk, dv, scale,
+        *sizes, *lay, ATOMIC_DKDV=atomic, BLOCK_M=bm, BLOCK_N=bn,
+        BLOCK_D=bd, BLOCK_DV=bdv, **opts)
     if atomic:
         return
     routers, start = inverted_routing(idx, g.kv_regions)
@@ -446,10 +460,10 @@ def _launch_backward(g: _Geometry, q: Tensor, k: Tensor, v: Tensor,
     grid = (triton.cdiv(g.tk, bn_k), g.batch * g.heads * g.kv_regions)
     # q, k, v, grad_out, dk, dv
     lay_kv = lay[:18] + lay[24:30] + lay[36:48]
-    _bra_bwd_dkdv_kernel[grid](q, k, v, mask, grad_out, lse, delta, routers,
-                               start, dk, dv, scale, *sizes, *lay_kv,
-                               BLOCK_M=bm_q, BLOCK_N=bn_k, BLOCK_D=bd,
-                               BLOCK_DV=bdv, **opts)
+    wrap_triton(_bra_bwd_dkdv_kernel)[grid](
+        q, k, v, mask, grad_out, lse, delta, routers, start, dk, dv, scale,
+        *sizes, *lay_kv, BLOCK_M=bm_q, BLOCK_N=bn_k, BLOCK_D=bd,
+        BLOCK_DV=bdv, **opts)
 
 
 def applies(q: Tensor, v: Tensor, heads: int) -> Optional[str]:
@@ -480,12 +494,16 @@ def _unit(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, topk_index: Tensor,
-            key_valid: Optional[Tensor], n_win: int, heads: int,
-            scale: float) -> Tuple[Tensor, Tensor]:
-    """The operator's forward on ``(N, H, W, heads * c)`` maps read in
-    place (any strides with a unit channel stride): ``(out, lse (N, heads,
-    L))``, the log-sum-exp in region-major token order."""
+def traceable() -> bool:
+    """Whether the kernels can be traced into a graph (``wrap_triton``):
+    compiled ``@triton.jit`` functions, not the interpreter's."""
+    return isinstance(_bra_fwd_kernel, triton.runtime.jit.JITFunction)
+
+
+@triton_op('mmbiformer::bra_triton_forward', mutates_args=())
+def _forward_op(q: Tensor, k: Tensor, v: Tensor, topk_index: Tensor,
+                key_valid: Optional[Tensor], n_win: int, heads: int,
+                scale: float) -> Tuple[Tensor, Tensor]:
     q, k, v = _unit(q), _unit(k), _unit(v)
     idx = topk_index.contiguous()
     g, mask, (rh, rw) = _setup(q, v, idx, key_valid, n_win, heads)
@@ -496,15 +514,16 @@ def forward(q: Tensor, k: Tensor, v: Tensor, topk_index: Tensor,
     return out, lse.view(g.batch, heads, -1)
 
 
-def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-             lse: Tensor, topk_index: Tensor, key_valid: Optional[Tensor],
-             n_win: int, heads: int, scale: float
-             ) -> Tuple[Tensor, Tensor, Tensor]:
-    """The operator's backward (kernels of :func:`backward_mode`)."""
+@triton_op('mmbiformer::bra_triton_backward', mutates_args=())
+def _backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                 out: Tensor, lse: Tensor, topk_index: Tensor,
+                 key_valid: Optional[Tensor], n_win: int, heads: int,
+                 scale: float, inverted: bool
+                 ) -> Tuple[Tensor, Tensor, Tensor]:
     q, k, v, out, do = (_unit(t) for t in (q, k, v, out, grad_out))
     idx = topk_index.contiguous()
     g, mask, (rh, rw) = _setup(q, v, idx, key_valid, n_win, heads)
-    mode = backward_mode()
+    mode = 'inverted' if inverted else 'atomic'
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = _grad_buffer(k.shape, k, mode)
     dv = _grad_buffer(v.shape, v, mode)
@@ -513,4 +532,26 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     _launch_backward(g, q, k, v, idx, mask, out, do,
                      lse.view(g.batch, heads, g.regions, g.tq), dq, dk, dv,
                      scale, layouts, mode)
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+    if mode == 'atomic':  # float32 buffers -> the inputs' dtype
+        dk, dv = dk.to(k.dtype), dv.to(v.dtype)
+    return dq, dk, dv
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, topk_index: Tensor,
+            key_valid: Optional[Tensor], n_win: int, heads: int,
+            scale: float) -> Tuple[Tensor, Tensor]:
+    """The operator's forward on ``(N, H, W, heads * c)`` maps read in
+    place (any strides with a unit channel stride): ``(out, lse (N, heads,
+    L))``, the log-sum-exp in region-major token order
+    (``mmbiformer::bra_triton_forward``)."""
+    return _forward_op(q, k, v, topk_index, key_valid, n_win, heads, scale)
+
+
+def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+             lse: Tensor, topk_index: Tensor, key_valid: Optional[Tensor],
+             n_win: int, heads: int, scale: float
+             ) -> Tuple[Tensor, Tensor, Tensor]:
+    """The operator's backward (``mmbiformer::bra_triton_backward``, the
+    kernels of :func:`backward_mode`)."""
+    return _backward_op(grad_out, q, k, v, out, lse, topk_index, key_valid,
+                        n_win, heads, scale, backward_mode() == 'inverted')
