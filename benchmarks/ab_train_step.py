@@ -1,4 +1,5 @@
-"""A/B of two variants of the code in one process, training step by step.
+"""A/B of two variants of the code in one process, step by step (training
+steps, or inference forwards with ``--mode infer``).
 
 Steps with the code as it is and steps with one object (``--target
 module:attr``) replaced by another (``--replacement module:attr``)
@@ -54,6 +55,12 @@ def main(argv=None) -> None:
     p.add_argument('--img-size', type=int, default=224)
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--threads', type=int, default=None)
+    p.add_argument('--mode', choices=('train', 'infer'), default='train',
+                   help='a training step, or an inference forward (eval '
+                   'mode, no gradients)')
+    p.add_argument('--accelerate', action='store_true',
+                   help='both variants run on the model after '
+                   'mmbiformer.models.accelerate()')
     args = p.parse_args(argv)
 
     import torch
@@ -73,21 +80,34 @@ def main(argv=None) -> None:
 
     _, model, data, optim = training_setup(args.config, args.batch,
                                            args.img_size)
+    if args.accelerate:
+        from mmbiformer.models.accelerate import accelerate
+        accelerate(model)
+    if args.mode == 'train':
+        def step():
+            model.train_step(data, optim)
+    else:
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                model.test_step(data)
     for _ in range(args.warmup):
-        model.train_step(data, optim)
+        step()
     times = {'as is': [], 'patched': []}
     try:
         for _ in range(args.pairs):
             for name, obj in (('as is', original), ('patched', patched)):
                 setattr(t_mod, t_attr, obj)
                 start = time.perf_counter()
-                model.train_step(data, optim)
+                step()
                 times[name].append(time.perf_counter() - start)
     finally:
         setattr(t_mod, t_attr, original)
     diffs = [a - b for a, b in zip(times['as is'], times['patched'])]
     print(json.dumps({
-        'config': args.config, 'target': args.target,
+        'config': args.config, 'mode': args.mode,
+        'accelerate': args.accelerate, 'target': args.target,
         'replacement': args.replacement or f'returning {args.returning}',
         'pairs': args.pairs,
         'median_ms_as_is': round(statistics.median(times['as is']) * 1e3),

@@ -67,7 +67,8 @@ class BenchmarkResult:
     amp: Optional[str] = None
     #: whether the backbone ran through torch.compile
     compiled: bool = False
-    #: whether the backbone's linear layers were swapped by accelerate()
+    #: whether the BiFormer backbones went through
+    #: :func:`mmbiformer.models.accelerate.accelerate`
     accelerated: bool = False
     #: torch.profiler table of one extra step (``profile_rows > 0``)
     profile: Optional[str] = None
@@ -234,8 +235,8 @@ def run_benchmark(target: str,
 
     With ``compile=True`` the backbone runs through ``torch.compile``
     (inductor, compiled during the warm-up iterations); with
-    ``accelerate=True`` its linear layers go through
-    :func:`mmbiformer.ops.accelerate.accelerate` first.
+    ``accelerate=True`` its BiFormer backbones (not other models) go
+    through :func:`mmbiformer.models.accelerate.accelerate` first.
 
     With ``profile_rows > 0`` one more step runs under
     ``torch.profiler`` after the timed ones, and the result's ``profile``
@@ -260,8 +261,8 @@ def run_benchmark(target: str,
     scope, model = _build(path, overrides)
     model = model.to(dev)
     if accelerate:
-        from ..ops.accelerate import accelerate as swap
-        swap(model.backbone)
+        from ..models.accelerate import accelerate as transform
+        transform(model)
     if compile:
         model.backbone = torch.compile(model.backbone)
         warmup = max(warmup, 1)

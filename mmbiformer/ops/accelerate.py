@@ -1,5 +1,5 @@
 """Opt-in speed-ups outside the attention that keep the modules and the
-state dict: :func:`accelerate`.
+state dict: registered products and :func:`swap_modules`.
 
 The model is built from plain torch modules; this transform changes how
 some of them compute, not what: every swapped module stays an instance of
@@ -15,6 +15,14 @@ operators whose CPU registration picks the kernel, so ``torch.compile`` and
   On BiFormer's long, narrow products (one row per token, 64-512 channels)
   oneDNN was the faster one on the CPUs measured (``docs/benchmarks.md``).
   Other devices and dtypes run ``F.linear``.
+* ``Sequential(Linear, [Identity,] GELU, Linear)`` -> :class:`AcceleratedMlp`:
+  where no gradient is needed (inference), the GELU runs as a oneDNN
+  post-op of the first product (``mmbiformer::linear_gelu``), saving one
+  pass over the widest activation of the block; in training it computes as
+  the plain ``Sequential`` does.
+
+:func:`mmbiformer.models.accelerate` applies these to the BiFormer
+backbones of a model, together with the block-level transform.
 """
 from typing import Optional
 
@@ -23,7 +31,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ['AcceleratedLinear', 'accelerate', 'linear']
+__all__ = [
+    'AcceleratedLinear', 'AcceleratedMlp', 'linear', 'linear_gelu',
+    'swap_modules'
+]
 
 
 def _onednn_linear():
@@ -74,6 +85,29 @@ def _backward(ctx, grad: Tensor):
 linear.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op('mmbiformer::linear_gelu', mutates_args=())
+def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``F.gelu(F.linear(x, weight, bias))`` (exact, erf GELU); on the CPU
+    in float32 one oneDNN product with the GELU as its post-op. No
+    gradient: for inference (:class:`AcceleratedMlp` calls it only where
+    none is needed)."""
+    return F.gelu(F.linear(x, weight, bias)).contiguous()
+
+
+@linear_gelu.register_kernel('cpu')
+def _(x, weight, bias):
+    op = _onednn_linear()
+    if op is None or x.dtype != torch.float32 or \
+            weight.dtype != torch.float32:
+        return F.gelu(F.linear(x, weight, bias)).contiguous()
+    return op(x, weight, bias, 'gelu', [], 'none').contiguous()
+
+
+@linear_gelu.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
 class AcceleratedLinear(nn.Linear):
     """``nn.Linear`` computing through ``mmbiformer::linear`` (same
     parameters and results to float rounding)."""
@@ -82,13 +116,53 @@ class AcceleratedLinear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-def accelerate(model: nn.Module) -> int:
-    """Swap every plain ``nn.Linear`` of ``model`` for
-    :class:`AcceleratedLinear`, in place (parameters, buffers and the state
-    dict unchanged). Returns how many were swapped."""
+def _mlp_layers(seq: nn.Module):
+    """``(fc1, fc2)`` of a ``Sequential(Linear, [Identity,] GELU, Linear)``
+    with the exact GELU, else None."""
+    if not isinstance(seq, nn.Sequential):
+        return None
+    layers = [m for m in seq if type(m) is not nn.Identity]
+    if len(layers) != 3:
+        return None
+    fc1, act, fc2 = layers
+    if not (isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear)
+            and type(act) is nn.GELU and act.approximate == 'none'):
+        return None
+    return fc1, fc2
+
+
+def mlp_forward(mlp: 'AcceleratedMlp', x: Tensor) -> Tensor:
+    """The MLP's output, the GELU fused into the first product where no
+    gradient is needed."""
+    fc1, fc2 = _mlp_layers(mlp)
+    if torch.is_grad_enabled() and (x.requires_grad
+                                    or fc1.weight.requires_grad
+                                    or fc2.weight.requires_grad):
+        return nn.Sequential.forward(mlp, x)
+    return fc2(linear_gelu(x, fc1.weight, fc1.bias))
+
+
+class AcceleratedMlp(nn.Sequential):
+    """A ``Sequential(Linear, [Identity,] GELU, Linear)`` MLP whose GELU is
+    a post-op of the first product in inference (same modules, parameters
+    and results to float rounding; forward hooks on the inner layers fire
+    only in training)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return mlp_forward(self, x)
+
+
+def swap_modules(model: nn.Module) -> int:
+    """Swap, in place, every plain ``nn.Linear`` of ``model`` for
+    :class:`AcceleratedLinear` and every plain GELU MLP ``Sequential`` for
+    :class:`AcceleratedMlp` (parameters, buffers and the state dict
+    unchanged). Returns how many modules were swapped."""
     count = 0
     for module in model.modules():
-        if type(module) is nn.Linear:
+        if type(module) is nn.Sequential and _mlp_layers(module):
+            module.__class__ = AcceleratedMlp
+            count += 1
+        elif type(module) is nn.Linear:
             module.__class__ = AcceleratedLinear
             count += 1
     return count

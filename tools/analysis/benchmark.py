@@ -52,8 +52,10 @@ def parse_args(argv=None):
                    help='every backbone through torch.compile (inductor); '
                    'compiled during the warm-up iterations')
     p.add_argument('--accelerate', action='store_true',
-                   help="every backbone's linear layers through "
-                   'mmbiformer.ops.accelerate (oneDNN products on the CPU)')
+                   help='BiFormer backbones through the opt-in '
+                   'mmbiformer.models.accelerate (oneDNN products on the '
+                   'CPU, GELU post-op in inference, branches of kept '
+                   'samples only in training); other models stay as built')
     p.add_argument('--threads', type=int, default=None,
                    help='torch CPU threads (default: torch decides)')
     p.add_argument('--device', default=None, help='cpu or cuda[:N]')

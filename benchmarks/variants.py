@@ -1,0 +1,9 @@
+"""Replacement objects for ``ab_train_step.py`` (``--replacement
+benchmarks.variants:NAME``): each is the plain computation that an
+accelerated one is measured against."""
+import torch.nn as nn
+
+
+def plain_mlp(mlp: nn.Sequential, x):
+    """The MLP as ``nn.Sequential`` computes it (no GELU post-op)."""
+    return nn.Sequential.forward(mlp, x)
