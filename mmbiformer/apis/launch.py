@@ -193,16 +193,48 @@ def build_runner(cfg: Config):
     """Build the runner the config asks for (``runner_type``) or mmengine's
     ``Runner``; the registries of the config's toolbox are used through its
     ``default_scope``. ``compile`` (see :func:`compile_backbones`) is
-    applied to the runner's model."""
+    applied to the runner's model, and so is ``accelerate`` (see
+    :func:`accelerate_backbones`)."""
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
 
     _init_cpu_process_group(cfg)
     compile_cfg = cfg.pop('compile', None)
+    accelerate_cfg = cfg.pop('accelerate', 'auto')
     runner = (Runner.from_cfg(cfg) if 'runner_type' not in cfg else
               RUNNERS.build(cfg))
-    compile_backbones(runner.model, compile_cfg)
+    compiled = compile_backbones(runner.model, compile_cfg)
+    accelerate_backbones(runner.model, accelerate_cfg, compiled=compiled > 0)
     return runner
+
+
+def accelerate_backbones(model, accelerate_cfg='auto',
+                         compiled: bool = False) -> bool:
+    """``accelerate`` in a config: whether the BiFormer backbones go through
+    :func:`mmbiformer.models.accelerate.accelerate` (oneDNN products,
+    the GELU as a post-op in inference, residual branches of the kept
+    samples only under stochastic depth; state dict unchanged).
+
+    ``'auto'`` (the default) applies it where it was measured to pay:
+    eager runs on the CPU (``docs/benchmarks.md``), not on GPUs and not
+    with ``compile``. ``True`` and ``False`` force it. Returns whether it
+    was applied."""
+    if accelerate_cfg not in ('auto', True, False):
+        raise ValueError("accelerate must be 'auto', True or False, got "
+                         f'{accelerate_cfg!r}')
+    if accelerate_cfg == 'auto':
+        param = next(model.parameters(), None)
+        accelerate_cfg = (not compiled and param is not None
+                          and param.device.type == 'cpu')
+    if not accelerate_cfg:
+        return False
+    from ..models.accelerate import accelerate
+    counts = accelerate(model)
+    if counts['backbones']:
+        _say(f"accelerate: {counts['backbones']} BiFormer backbone(s), "
+             f"{counts['modules']} products and {counts['blocks']} blocks "
+             "swapped (set accelerate=False to keep the plain modules)")
+    return True
 
 
 def compile_backbones(model, compile_cfg) -> int:

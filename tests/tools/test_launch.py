@@ -139,3 +139,29 @@ def test_builtin_options_cls_scales_ema_and_warmup():
     crop = [t for t in cfg.val_dataloader.dataset.pipeline
             if t.type == 'CenterCrop'][0]
     assert crop.crop_size == 112
+
+
+def test_accelerate_option_auto_on_cpu_false_and_bad_value(capsys):
+    import torch.nn as nn
+    from mini_arch import MINI
+
+    from mmbiformer.apis.launch import accelerate_backbones
+    from mmbiformer.models import BiFormer
+    from mmbiformer.models.accelerate import KeptSamplesBlock
+
+    def model():
+        return nn.ModuleDict(dict(backbone=BiFormer(arch=dict(MINI)),
+                                  head=nn.Linear(4, 4)))
+
+    plain = model()
+    assert not accelerate_backbones(plain, False)
+    assert not any(type(m) is KeptSamplesBlock for m in plain.modules())
+    # compiled backbones stay plain under 'auto'
+    assert not accelerate_backbones(plain, 'auto', compiled=True)
+    fast = model()
+    assert accelerate_backbones(fast)  # 'auto', CPU parameters
+    assert any(type(m) is KeptSamplesBlock for m in fast.modules())
+    assert type(fast['head']) is nn.Linear
+    assert 'accelerate: 1 BiFormer backbone(s)' in capsys.readouterr().out
+    with pytest.raises(ValueError, match="'auto', True or False"):
+        accelerate_backbones(plain, 'yes')
