@@ -14,6 +14,19 @@ Example (the comparison in docs/benchmarks.md)::
 
 Workers run with ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets
 a policy.
+
+``--in-process`` measures every config in this one process instead,
+interleaved round by round (:mod:`mmbiformer.analysis.interleaved`), eager
+and under each ``--compile-modes`` entry, and profiles one step of each:
+kernels per step and the device's busy fraction. Detection configs
+(mmdet) run mmdet's training step on ``--det-size`` images. The GPU
+comparison of docs/benchmarks.md::
+
+    python tools/analysis/benchmark.py \\
+        mmpretrain::swin_transformer/swin-tiny_16xb64_in1k.py $S \\
+        --in-process --device cuda --amp bf16 --optimizer adamw-fused \\
+        --infer-batch 128 --train-batches 64 128 \\
+        --compile-modes eager max-autotune --json --out results.jsonl
 """
 import argparse
 import json
@@ -68,6 +81,25 @@ def parse_args(argv=None):
                    '(torch.profiler) and print its ROWS most expensive '
                    'operators; the timings are those of the unprofiled '
                    'iterations')
+    p.add_argument('--in-process', action='store_true',
+                   help='every config in this process, interleaved, with '
+                   'a profiled step each (kernels per step, busy fraction)')
+    p.add_argument('--compile-modes', nargs='+', default=['eager'],
+                   help="with --in-process: 'eager' and/or torch.compile "
+                   "modes ('default', 'reduce-overhead', 'max-autotune', "
+                   "'max-autotune-no-cudagraphs')")
+    p.add_argument('--train-batches', nargs='+', type=int, default=None,
+                   help='with --in-process: training batches (default: '
+                   '--train-batch)')
+    p.add_argument('--det-size', nargs=2, type=int, default=[800, 1333],
+                   metavar=('H', 'W'),
+                   help='with --in-process: image size of detection '
+                   'configs (their batch is --det-batch)')
+    p.add_argument('--det-batch', type=int, default=2)
+    p.add_argument('--no-profile-step', action='store_true',
+                   help='with --in-process: skip the profiled step')
+    p.add_argument('--out', default=None,
+                   help='append the JSON records to this file')
     p.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -121,10 +153,67 @@ def measure(args, config, mode):
     raise RuntimeError(f'benchmark of {config} ({mode}) failed:\n{tail}')
 
 
+def cases_of(args):
+    """The :class:`~mmbiformer.analysis.interleaved.Case` list of an
+    ``--in-process`` run, in measuring order."""
+    from mmbiformer.analysis.interleaved import Case, _is_detection
+    modes = [None if m == 'eager' else m for m in args.compile_modes]
+    cases = []
+    for compile_mode in modes:
+        for mode in args.modes:
+            for config in args.configs:
+                if _is_detection(config):
+                    if mode == 'train':
+                        cases.append(Case(config, 'train', args.det_batch,
+                                          compile_mode,
+                                          tuple(args.det_size)))
+                    continue
+                batches = ([args.infer_batch] if mode == 'infer' else
+                           args.train_batches or [args.train_batch])
+                for batch in batches:
+                    cases.append(Case(config, mode, batch, compile_mode,
+                                      (args.img_size, args.img_size)))
+    return cases
+
+
+def in_process(args):
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from mmbiformer.analysis.interleaved import run_interleaved
+    records = run_interleaved(
+        cases_of(args), device=args.device, amp=args.amp,
+        optimizer=args.optimizer, warmup=args.warmup, repeats=args.repeats,
+        rounds=args.rounds, profile=not args.no_profile_step,
+        log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.out:
+        with open(args.out, 'a') as f:
+            for r in records:
+                f.write(json.dumps(r) + '\n')
+    if args.json:
+        for r in records:
+            print(json.dumps(r), flush=True)
+        return records
+    print('| model | mode | compiled | batch | img/s | ms | peak MB | '
+          'kernels | GPU busy |')
+    print('| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |')
+    for r in records:
+        peak = f"{r['peak_mb']:.0f}" if r['peak_mb'] is not None else ''
+        busy = (f"{100 * r['busy_fraction']:.0f} %"
+                if 'busy_fraction' in r else '')
+        print(f"| {r['model']} | {r['mode']} | "
+              f"{r['compile_mode'] or 'eager'} | {r['batch']} | "
+              f"{r['img_s']:.1f} | {r['ms_per_step']:.1f} | {peak} | "
+              f"{r.get('kernels_per_step', '')} | {busy} |")
+    return records
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         return worker(args)
+    if args.in_process:
+        return in_process(args)
     if args.rounds < 1:
         raise SystemExit('--rounds must be >= 1')
     best = {}
