@@ -343,8 +343,11 @@ class TokenLabelClassifier(ImageClassifier):
                          data_preprocessor=data_preprocessor,
                          init_cfg=init_cfg)
         if mix_token is True:
-            mix_token = dict()
-        self.mix_token = MixToken(**mix_token) if mix_token else None
+            self.mix_token: Optional[MixToken] = MixToken()
+        elif mix_token:
+            self.mix_token = MixToken(**mix_token)
+        else:
+            self.mix_token = None
         self.stem = stem
         self.backbone.get_submodule(stem)  # fail early on a wrong name
 

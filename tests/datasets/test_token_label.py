@@ -1,0 +1,226 @@
+"""Token-label maps: the released file format, errors that name the image,
+and alignment with the augmented image (crop box order, flip, RoI-align)."""
+import os
+import os.path as osp
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mmbiformer  # noqa: F401  (registers the transforms)
+from mmbiformer.datasets import (
+                                 LoadTokenLabel,
+                                 ResampleTokenLabel,
+                                 TokenLabelFileError,
+                                 TokenLabelRandomFlip,
+                                 TokenLabelRandomResizedCrop,
+                                 align_label_map,
+                                 load_token_label,
+                                 token_label_path,
+)
+
+
+def coordinate_map(h, w, k=5):
+    """A (2, k, H, W) label map whose location (r, c) encodes its own
+    coordinates: class 0 has the logit x = (c + 0.5) / W, class 1 the
+    logit y = (r + 0.5) / H (the centre of the cell in fractions of the
+    map), classes 2.. logit 0."""
+    ys, xs = torch.meshgrid((torch.arange(h) + .5) / h,
+                            (torch.arange(w) + .5) / w, indexing='ij')
+    values = torch.zeros(k, h, w)
+    values[0], values[1] = xs, ys
+    index = torch.arange(k, dtype=torch.float32)[:, None, None].expand(
+        k, h, w)
+    return torch.stack([values, index])
+
+
+def expected_xy(box, out_h, out_w):
+    """Centres of the out_h x out_w cells of box (x1, y1, x2, y2)."""
+    x1, y1, x2, y2 = box
+    xs = x1 + (torch.arange(out_w) + .5) * (x2 - x1) / out_w
+    ys = y1 + (torch.arange(out_h) + .5) * (y2 - y1) / out_h
+    return xs[None, :].expand(out_h, out_w), ys[:, None].expand(out_h, out_w)
+
+
+def write_label(root, wnid, stem, tensor):
+    os.makedirs(osp.join(root, wnid), exist_ok=True)
+    path = osp.join(root, wnid, stem + '.pt')
+    torch.save(tensor, path)
+    return path
+
+
+def test_reads_the_released_format(tmp_path):
+    """[2, 5, H, W] float16 at <root>/<wnid>/<stem>.pt, read unchanged."""
+    logits = torch.randn(5, 18, 18).sort(0, descending=True).values
+    index = torch.randint(0, 1000, (5, 18, 18)).float()
+    released = torch.stack([logits, index]).half()
+    write_label(str(tmp_path), 'n01440764', 'n01440764_10026', released)
+    img = '/data/imagenet/train/n01440764/n01440764_10026.JPEG'
+    assert token_label_path(img, str(tmp_path)) == osp.join(
+        str(tmp_path), 'n01440764', 'n01440764_10026.pt')
+    out = LoadTokenLabel(str(tmp_path), num_classes=1000, topk=5)(
+        dict(img_path=img))
+    assert out['token_label'].dtype == torch.float32
+    assert torch.equal(out['token_label'], released.float())
+    assert list(out['token_label_box']) == [0, 0, 1, 1]
+
+
+def test_missing_file_names_the_image(tmp_path):
+    img = 'train/n01440764/n01440764_1.JPEG'
+    with pytest.raises(FileNotFoundError, match='n01440764_1.JPEG'):
+        LoadTokenLabel(str(tmp_path))(dict(img_path=img))
+
+
+@pytest.mark.parametrize('bad, what', [
+    (torch.zeros(5, 18, 18, dtype=torch.float16), r'shape \[5, 18, 18\]'),
+    (torch.zeros(2, 3, 18, 18, dtype=torch.float16), r'expected \[2, 5'),
+    (torch.zeros(3, 5, 18, 18, dtype=torch.float16), 'shape'),
+    (torch.zeros(2, 5, 18, 18, dtype=torch.int64), 'int64'),
+    (dict(a=1), 'dict'),
+])
+def test_wrong_file_names_the_image(tmp_path, bad, what):
+    write_label(str(tmp_path), 'n1', 'img_7', bad)
+    with pytest.raises(TokenLabelFileError, match='img_7.JPEG') as err:
+        LoadTokenLabel(str(tmp_path), topk=5)(
+            dict(img_path='x/n1/img_7.JPEG'))
+    assert re.search(what, str(err.value)), str(err.value)
+
+
+def test_class_index_out_of_range(tmp_path):
+    label = coordinate_map(4, 4)
+    label[1, 0, 0, 0] = 1000
+    path = write_label(str(tmp_path), 'n1', 'a', label.half())
+    with pytest.raises(TokenLabelFileError, match='a.png'):
+        load_token_label(path, 'n1/a.png', num_classes=1000)
+
+
+def test_roi_align_box_is_x_then_y():
+    """A non-square box of the coordinate map gives each token its own
+    cell centre: x from columns, y from rows (no transposition)."""
+    label = coordinate_map(18, 18)
+    box = (0.25, 0.1, 0.75, 0.9)  # inside the half-cell border
+    out = align_label_map(label, box, (7, 7), num_classes=5)
+    xs, ys = expected_xy(box, 7, 7)
+    assert torch.allclose(out[0], xs, atol=1e-5)
+    assert torch.allclose(out[1], ys, atol=1e-5)
+    assert torch.all(out[2:] == 0)
+    # a non-square grid too
+    out = align_label_map(label, box, (3, 5), num_classes=5)
+    xs, ys = expected_xy(box, 3, 5)
+    assert torch.allclose(out[0], xs, atol=1e-5)
+    assert torch.allclose(out[1], ys, atol=1e-5)
+
+
+class FixedCrop(TokenLabelRandomResizedCrop):
+    """A crop with known parameters (top, left, height, width)."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(**kwargs)
+        self.params = params
+
+    def rand_crop_params(self, img):
+        return self.params
+
+
+def coordinate_image(h, w):
+    """Float image whose pixel (r, c) holds x = (c + .5) / W in channel 0
+    and y = (r + .5) / H in channel 1."""
+    ys, xs = np.meshgrid((np.arange(h) + .5) / h, (np.arange(w) + .5) / w,
+                         indexing='ij')
+    return np.stack([xs, ys, np.zeros_like(xs)], -1).astype(np.float32)
+
+
+def token_means(img, grid):
+    """(2, grid, grid) channel means of the image over the token cells."""
+    t = torch.from_numpy(img[..., :2].copy()).permute(2, 0, 1)[None]
+    return F.adaptive_avg_pool2d(t, grid)[0]
+
+
+@pytest.mark.parametrize('flip', [False, True])
+def test_aligned_map_matches_the_image_crop(flip):
+    """Crop (known, not square, off-centre) then flip a coordinate image
+    and its coordinate label map: every token's label logits hold the
+    coordinates the image shows at that token."""
+    h, w = 180, 240  # not square, and the map is 18x18 (as released)
+    results = dict(img=coordinate_image(h, w), img_shape=(h, w),
+                   token_label=coordinate_map(18, 18),
+                   token_label_box=np.array([0., 0., 1., 1.]))
+    top, left, ch, cw = 30, 100, 112, 84
+    results = FixedCrop((top, left, ch, cw), scale=224,
+                        interpolation='bilinear')(results)
+    assert results['img'].shape[:2] == (224, 224)
+    assert np.allclose(results['token_label_box'],
+                       [left / w, top / h, (left + cw) / w, (top + ch) / h])
+    if flip:
+        results = TokenLabelRandomFlip(prob=1., direction='horizontal')(
+            results)
+    image_xy = token_means(results['img'], 7)
+    logits = align_label_map(results['token_label'],
+                             results['token_label_box'], 7, num_classes=5)
+    # the map's cells are 1/18 of the image: allow a fraction of one
+    assert torch.allclose(logits[:2], image_xy, atol=0.01), (
+        logits[:2] - image_xy).abs().max()
+    # and the x coordinate decreases along the row after the flip
+    assert (logits[0, 0, 0] > logits[0, 0, -1]) == flip
+    # the same, through the transform that writes the targets
+    out = ResampleTokenLabel(num_classes=5, output_size=7)(results)
+    assert 'token_label' not in out
+    assert torch.allclose(out['gt_token_label'], logits.softmax(0),
+                          atol=1e-6)
+    # the crop's label: the same region, flipped or not
+    crop = align_label_map(coordinate_map(18, 18),
+                           [left / w, top / h, (left + cw) / w,
+                            (top + ch) / h], 1, 5).flatten()
+    assert torch.allclose(out['gt_score'], crop.softmax(0), atol=1e-6)
+
+
+def test_vertical_flip_and_composed_crops():
+    label = coordinate_map(16, 16)
+    results = dict(img=coordinate_image(64, 64), img_shape=(64, 64),
+                   token_label=label, token_label_box=np.array([0., 0., 1,
+                                                                1]))
+    results = FixedCrop((8, 16, 48, 32), scale=32)(results)
+    results = FixedCrop((0, 8, 16, 16), scale=16)(results)
+    # the first crop shows x 0.25..0.75, y 0.125..0.875 of the map; the
+    # second columns 8..24 and rows 0..16 of that 32x32 view
+    assert np.allclose(results['token_label_box'],
+                       [0.375, 0.125, 0.625, 0.5])
+    results = TokenLabelRandomFlip(prob=1., direction='vertical')(results)
+    logits = align_label_map(results['token_label'],
+                             results['token_label_box'], 2, num_classes=5)
+    assert torch.allclose(logits[:2], token_means(results['img'], 2),
+                          atol=0.02)
+    assert logits[1, 0, 0] > logits[1, -1, 0]  # y decreases downwards
+
+
+def test_pipeline_packs_the_targets(tmp_path):
+    """The config's transforms through mmpretrain's registry and
+    PackInputs(algorithm_keys=['gt_token_label'])."""
+    from mmcv.transforms import Compose
+    from mmengine.registry import init_default_scope
+    from PIL import Image
+    init_default_scope('mmpretrain')
+    img_dir = tmp_path / 'train' / 'n7'
+    img_dir.mkdir(parents=True)
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(img_dir / 'a.png')
+    write_label(str(tmp_path / 'labels'), 'n7', 'a',
+                coordinate_map(6, 6).half())
+    pipeline = Compose([
+        dict(type='LoadImageFromFile'),
+        dict(type='LoadTokenLabel', label_root=str(tmp_path / 'labels'),
+             num_classes=10, topk=5),
+        dict(type='TokenLabelRandomResizedCrop', scale=64),
+        dict(type='TokenLabelRandomFlip', prob=0.5),
+        dict(type='ResampleTokenLabel', num_classes=10, output_size=2),
+        dict(type='PackInputs', algorithm_keys=['gt_token_label']),
+    ])
+    packed = pipeline(dict(img_path=str(img_dir / 'a.png'), gt_label=3))
+    sample = packed['data_samples']
+    assert packed['inputs'].shape == (3, 64, 64)
+    assert sample.gt_token_label.shape == (10, 2, 2)
+    assert torch.allclose(sample.gt_token_label.sum(0), torch.ones(2, 2))
+    assert sample.gt_score.shape == (10, )
+    assert int(sample.gt_label) == 3
+
