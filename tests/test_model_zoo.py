@@ -24,7 +24,7 @@ def test_every_config_is_in_the_index_and_exists():
         for p in glob.glob(osp.join(REPO, 'configs', '*', '*.py'))
     }
     assert configs == on_disk
-    assert len(models) == 11
+    assert len(models) == 13
     for m in models:
         assert m.results, f'{m.name} has no published result'
 
@@ -37,7 +37,9 @@ def test_zoo_root_is_the_checkout():
 def test_mmpretrain_hub_lists_and_builds_biformer():
     import mmpretrain
     names = mmpretrain.list_models('*biformer*')
-    assert names == ['biformer_b_in1k', 'biformer_s_in1k', 'biformer_t_in1k']
+    assert names == ['biformer_b_in1k', 'biformer_b_tl_in1k',
+                     'biformer_s_in1k', 'biformer_s_tl_in1k',
+                     'biformer_t_in1k']
     model = mmpretrain.get_model('biformer_t_in1k')
     assert type(model.backbone).__name__ == 'BiFormer'
     assert sum(p.numel() for p in model.parameters()) == 13_142_760

@@ -20,6 +20,7 @@ def load(name):
 def test_the_eleven_configs_exist():
     names = {osp.basename(p) for p in CONFIGS}
     expected = {f'biformer_{s}_in1k.py' for s in 'tsb'} | {
+        f'biformer_{s}_tl_in1k.py' for s in 'sb'} | {
         f'{m}_biformer_{s}_{d}.py'
         for m, d in (('maskrcnn', 'coco'), ('retinanet', 'coco'),
                      ('upernet', 'ade20k'), ('semfpn', 'ade20k'))
