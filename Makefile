@@ -5,12 +5,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export VENV
 
-.PHONY: help install demo test lint pytest clean
+.PHONY: help install demo token-label-demo test lint pytest clean
 
 help:
 	@echo "make install  create $(VENV) with the pinned OpenMMLab 2.x stack"
 	@echo "make demo     built-in data; train and evaluate one model per task"
 	@echo "make test     lint, then the test suite"
+	@echo "make token-label-demo  teacher, label maps, students with token labeling off/on"
 
 # The stamp is refreshed whenever the pins or the installer change; the
 # installer itself also checks each step and skips what is in place.
@@ -22,6 +23,9 @@ $(VENV)/.mmbiformer-installed: setup.cfg setup.py tools/env/install.sh
 
 demo: install
 	$(PY) tools/demo.py
+
+token-label-demo: install
+	$(PY) tools/token_label_demo.py
 
 lint: install
 	$(PY) -m ruff check .

@@ -10,9 +10,12 @@ from conftest import PYTHON, REPO, run
 
 from mmbiformer.apis import builtin_data_options, load_config
 
+# token-labeling configs need label files: tools/token_label_demo.py trains
+# them on the built-in data after writing those
 CONFIGS = sorted(
     osp.relpath(p, REPO)
-    for p in glob.glob(osp.join(REPO, 'configs', '*', '*.py')))
+    for p in glob.glob(osp.join(REPO, 'configs', '*', '*.py'))
+    if '_tl_' not in osp.basename(p))
 # the smallest sizes the models take: n_win=7 without auto_pad needs sides
 # that are multiples of 112; the dense models pad
 SIZES = dict(mmpretrain=112, mmdet=64, mmseg=64)
