@@ -26,7 +26,14 @@ This is the one place that registers
 * token labeling (BiFormer-S*/B*) into mmpretrain: the classifier, head
   and loss of :mod:`mmbiformer.models.token_labeling` into its ``MODELS``
   and the label-map transforms of :mod:`mmbiformer.datasets` into its
-  ``TRANSFORMS``.
+  ``TRANSFORMS``;
+* the robustness benchmarks into mmpretrain: the datasets ``ImageNetV2``
+  and ``ImageNetC`` into its ``DATASETS`` and the metric
+  ``ImageNetCMetric`` (mCE) into its ``METRICS``;
+* a checkpoint loader for URLs ending in ``/content`` (the official
+  checkpoints' URLs) into mmengine's ``CheckpointLoader``
+  (:func:`mmbiformer.model_zoo.register_url_loader`): one cache file per
+  URL, official checkpoints converted on the fly.
 
 Importing this module again registers nothing twice.
 """
@@ -114,6 +121,19 @@ def register_token_labeling() -> None:
         _register(TRANSFORMS, name, cls)
 
 
+def register_robustness() -> None:
+    """Register the ImageNet-V2 and ImageNet-C datasets and the mCE metric
+    into mmpretrain's ``DATASETS`` and ``METRICS``."""
+    from mmpretrain.registry import DATASETS, METRICS
+
+    from .datasets.imagenet_c import ImageNetC
+    from .datasets.imagenet_v2 import ImageNetV2
+    from .evaluation.mce import ImageNetCMetric
+    _register(DATASETS, 'ImageNetV2', ImageNetV2)
+    _register(DATASETS, 'ImageNetC', ImageNetC)
+    _register(METRICS, 'ImageNetCMetric', ImageNetCMetric)
+
+
 def register_all_modules() -> List[str]:
     """Register the backbone, the op and the FLOP handles; returns the
     toolboxes whose ``MODELS`` hold the backbone."""
@@ -127,10 +147,13 @@ def register_all_modules() -> List[str]:
         _register(models, 'BiFormer', BiFormer)
         if package not in REGISTERED_IN:
             REGISTERED_IN.append(package)
+    from .model_zoo import register_url_loader
+    register_url_loader()
     if 'mmpretrain' in REGISTERED_IN:
         from .model_zoo import register_mmpretrain_models
         register_mmpretrain_models()
         register_token_labeling()
+        register_robustness()
     return list(REGISTERED_IN)
 
 

@@ -19,12 +19,15 @@ def test_every_config_is_in_the_index_and_exists():
     import glob
     models = _index_models()
     configs = {m.config for m in models}
+    # the model folders; configs/robustness/ evaluates these models on
+    # other test sets and holds no model of its own
     on_disk = {
         osp.relpath(p, REPO)
-        for p in glob.glob(osp.join(REPO, 'configs', '*', '*.py'))
+        for task in ('classification', 'detection', 'segmentation')
+        for p in glob.glob(osp.join(REPO, 'configs', task, '*.py'))
     }
     assert configs == on_disk
-    assert len(models) == 13
+    assert len(models) == 15
     for m in models:
         assert m.results, f'{m.name} has no published result'
 
@@ -39,7 +42,16 @@ def test_mmpretrain_hub_lists_and_builds_biformer():
     names = mmpretrain.list_models('*biformer*')
     assert names == ['biformer_b_in1k', 'biformer_b_tl_in1k',
                      'biformer_s_in1k', 'biformer_s_tl_in1k',
+                     'biformer_stl_in1k', 'biformer_stl_nchw_in1k',
                      'biformer_t_in1k']
     model = mmpretrain.get_model('biformer_t_in1k')
     assert type(model.backbone).__name__ == 'BiFormer'
     assert sum(p.numel() for p in model.parameters()) == 13_142_760
+
+
+def test_mmpretrain_hub_builds_the_stl_models():
+    import mmpretrain
+    for name in ('biformer_stl_in1k', 'biformer_stl_nchw_in1k'):
+        model = mmpretrain.get_model(name)
+        assert sum(p.numel() for p in model.parameters()) == 28_372_552
+    assert model.backbone.routing_attentions()[0].pad_mode == 'after_qkv'

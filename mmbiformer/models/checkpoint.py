@@ -62,6 +62,11 @@ class CorruptCheckpointError(RuntimeError):
     PyTorch checkpoint at all."""
 
 
+class CheckpointDownloadError(RuntimeError):
+    """A checkpoint URL that could not be downloaded (the message names the
+    URL and where the file can be put by hand)."""
+
+
 def _describe_unreadable(filename: str) -> str:
     """Why a local file that failed to load is not a readable checkpoint
     (empty string when it looks like a complete one)."""
@@ -96,7 +101,7 @@ def read_checkpoint(filename: str, map_location: str = 'cpu') -> dict:
 
     try:
         return _load_checkpoint(filename, map_location=map_location)
-    except FileNotFoundError:
+    except (FileNotFoundError, CheckpointDownloadError):
         raise
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
             pickle.UnpicklingError) as err:
