@@ -211,29 +211,35 @@ def build_runner(cfg: Config):
 def accelerate_backbones(model, accelerate_cfg='auto',
                          compiled: bool = False) -> bool:
     """``accelerate`` in a config: whether the BiFormer backbones go through
-    :func:`mmbiformer.models.accelerate.accelerate` (oneDNN products,
-    the GELU as a post-op in inference, residual branches of the kept
-    samples only under stochastic depth; state dict unchanged).
+    :func:`mmbiformer.models.accelerate.accelerate` (oneDNN products and
+    the GELU as a post-op in inference where they pay; state dict
+    unchanged).
 
-    ``'auto'`` (the default) applies it where it was measured to pay:
-    eager runs on the CPU (``docs/benchmarks.md``), not on GPUs and not
-    with ``compile``. ``True`` and ``False`` force it. Returns whether it
-    was applied."""
+    ``'auto'`` (the default) applies it where it was measured to pay
+    (``docs/benchmarks.md``): eager runs on a CPU at the AVX-512 level
+    (``torch.backends.cpu.get_cpu_capability()``, which
+    ``ATEN_CPU_CAPABILITY`` can lower), where it sped up a BiFormer-S
+    inference step by a sixth; not on GPUs, not at lower levels (3 % at
+    AVX2) and not with ``compile``. It changes inference only: the
+    accelerated modules train as the plain ones. ``True`` and ``False``
+    force it. Returns whether it was applied."""
     if accelerate_cfg not in ('auto', True, False):
         raise ValueError("accelerate must be 'auto', True or False, got "
                          f'{accelerate_cfg!r}')
     if accelerate_cfg == 'auto':
         param = next(model.parameters(), None)
         accelerate_cfg = (not compiled and param is not None
-                          and param.device.type == 'cpu')
+                          and param.device.type == 'cpu'
+                          and torch.backends.cpu.get_cpu_capability()
+                          == 'AVX512')
     if not accelerate_cfg:
         return False
     from ..models.accelerate import accelerate
     counts = accelerate(model)
     if counts['backbones']:
         _say(f"accelerate: {counts['backbones']} BiFormer backbone(s), "
-             f"{counts['modules']} products and {counts['blocks']} blocks "
-             "swapped (set accelerate=False to keep the plain modules)")
+             f"{counts['modules']} modules swapped (accelerate=False keeps "
+             'the plain modules)')
     return True
 
 

@@ -1,24 +1,27 @@
 """Opt-in speed-ups outside the attention that keep the modules and the
 state dict: registered products and :func:`swap_modules`.
 
-The model is built from plain torch modules; this transform changes how
-some of them compute, not what: every swapped module stays an instance of
+The model is built from plain torch modules; these swaps change how some of
+them compute, not what: every swapped module stays an instance of
 its torch class (hooks, ``isinstance`` checks and wrappers see what they
 expect) with the same parameters, and the products go through registered
 operators whose CPU registration picks the kernel, so ``torch.compile`` and
 ``torch.export`` see one node each.
 
-* ``nn.Linear`` -> :class:`AcceleratedLinear`: ``mmbiformer::linear``, whose
-  CPU registration runs float32 products in oneDNN
-  (``torch.ops.mkldnn._linear_pointwise``) instead of torch's default CPU
-  GEMM, forward and input gradient (the weight gradient stays one GEMM).
-  On BiFormer's long, narrow products (one row per token, 64-512 channels)
-  oneDNN was the faster one on the CPUs measured (``docs/benchmarks.md``).
-  Other devices and dtypes run ``F.linear``.
+* ``nn.Linear`` -> :class:`AcceleratedLinear`: in inference
+  ``mmbiformer::linear``, whose CPU registration runs float32 products in
+  oneDNN (``torch.ops.mkldnn._linear_pointwise``) instead of torch's
+  default CPU GEMM; other devices and dtypes run ``F.linear``. The
+  operator is differentiable (its input gradient is a oneDNN product too),
+  but the module trains through ``F.linear``: in an interleaved A/B of a
+  BiFormer-S training step oneDNN's products saved 1.8 % at AVX-512 and
+  nothing at AVX2, against 15.6 % and 3.1 % of an inference step
+  (``docs/benchmarks.md``).
 * ``Sequential(Linear, [Identity,] GELU, Linear)`` -> :class:`AcceleratedMlp`:
   where no gradient is needed (inference), the GELU runs as a oneDNN
   post-op of the first product (``mmbiformer::linear_gelu``), saving one
-  pass over the widest activation of the block; in training it computes as
+  pass over the widest activation of the block (5.6 % of a BiFormer-S
+  inference step at AVX-512, 0.5 % at AVX2); in training it computes as
   the plain ``Sequential`` does.
 
 :func:`mmbiformer.models.accelerate` applies these to the BiFormer
@@ -108,11 +111,20 @@ def _(x, weight, bias):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
+def _grad_needed(x: Tensor, *params: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or any(
+        p is not None and p.requires_grad for p in params))
+
+
 class AcceleratedLinear(nn.Linear):
-    """``nn.Linear`` computing through ``mmbiformer::linear`` (same
-    parameters and results to float rounding)."""
+    """``nn.Linear`` computing through ``mmbiformer::linear`` where no
+    gradient is needed (inference); in training it computes as
+    ``nn.Linear`` does (oneDNN's products did not pay a measured share of a
+    training step). Same parameters and results to float rounding."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if _grad_needed(x, self.weight, self.bias):
+            return F.linear(x, self.weight, self.bias)
         return linear(x, self.weight, self.bias)
 
 
@@ -135,9 +147,7 @@ def mlp_forward(mlp: 'AcceleratedMlp', x: Tensor) -> Tensor:
     """The MLP's output, the GELU fused into the first product where no
     gradient is needed."""
     fc1, fc2 = _mlp_layers(mlp)
-    if torch.is_grad_enabled() and (x.requires_grad
-                                    or fc1.weight.requires_grad
-                                    or fc2.weight.requires_grad):
+    if _grad_needed(x, fc1.weight, fc2.weight):
         return nn.Sequential.forward(mlp, x)
     return fc2(linear_gelu(x, fc1.weight, fc1.bias))
 

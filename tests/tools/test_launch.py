@@ -141,13 +141,14 @@ def test_builtin_options_cls_scales_ema_and_warmup():
     assert crop.crop_size == 112
 
 
-def test_accelerate_option_auto_on_cpu_false_and_bad_value(capsys):
+def test_accelerate_option_auto_on_cpu_false_and_bad_value(
+        capsys, monkeypatch):
     import torch.nn as nn
     from mini_arch import MINI
 
     from mmbiformer.apis.launch import accelerate_backbones
     from mmbiformer.models import BiFormer
-    from mmbiformer.models.accelerate import KeptSamplesBlock
+    from mmbiformer.ops.accelerate import AcceleratedMlp
 
     def model():
         return nn.ModuleDict(dict(backbone=BiFormer(arch=dict(MINI)),
@@ -155,12 +156,19 @@ def test_accelerate_option_auto_on_cpu_false_and_bad_value(capsys):
 
     plain = model()
     assert not accelerate_backbones(plain, False)
-    assert not any(type(m) is KeptSamplesBlock for m in plain.modules())
+    assert not any(type(m) is AcceleratedMlp for m in plain.modules())
     # compiled backbones stay plain under 'auto'
     assert not accelerate_backbones(plain, 'auto', compiled=True)
+    # 'auto' on CPU parameters: only at the AVX-512 level
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability',
+                        lambda: 'AVX2')
+    assert not accelerate_backbones(plain)
+    assert accelerate_backbones(plain, True)  # forced
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability',
+                        lambda: 'AVX512')
     fast = model()
-    assert accelerate_backbones(fast)  # 'auto', CPU parameters
-    assert any(type(m) is KeptSamplesBlock for m in fast.modules())
+    assert accelerate_backbones(fast)
+    assert any(type(m) is AcceleratedMlp for m in fast.modules())
     assert type(fast['head']) is nn.Linear
     assert 'accelerate: 1 BiFormer backbone(s)' in capsys.readouterr().out
     with pytest.raises(ValueError, match="'auto', True or False"):

@@ -67,8 +67,8 @@ def parse_args(argv=None):
     p.add_argument('--accelerate', action='store_true',
                    help='BiFormer backbones through the opt-in '
                    'mmbiformer.models.accelerate (oneDNN products on the '
-                   'CPU, GELU post-op in inference, branches of kept '
-                   'samples only in training); other models stay as built')
+                   'CPU where they pay, GELU post-op in inference); other '
+                   'models stay as built')
     p.add_argument('--threads', type=int, default=None,
                    help='torch CPU threads (default: torch decides)')
     p.add_argument('--device', default=None, help='cpu or cuda[:N]')
