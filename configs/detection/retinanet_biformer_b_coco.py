@@ -2,7 +2,12 @@
 # recipe with the base arch and drop path 0.3.
 _base_ = ['./retinanet_biformer_s_coco.py']
 
-checkpoint_file = 'checkpoints/biformer_base_best.pth'
+# the official ImageNet-1K weights of BiFormer-B, downloaded once to
+# <torch hub dir>/checkpoints/biformer_b_in1k_official.pth (put the file
+# there by hand without network access) and converted on load; a
+# local file: --cfg-options model.backbone.init_cfg.checkpoint=PATH
+checkpoint_file = (
+    'https://api.onedrive.com/v1.0/shares/s!AkBbczdRlZvChHI_XPhoadjaNxtO/root/content')
 
 model = dict(
     backbone=dict(

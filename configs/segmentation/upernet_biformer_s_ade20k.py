@@ -8,7 +8,12 @@
 _base_ = ['mmseg::upernet/upernet_r50_4xb4-160k_ade20k-512x512.py']
 custom_imports = dict(imports=['mmbiformer'], allow_failed_imports=False)
 
-checkpoint_file = 'checkpoints/biformer_small_best.pth'
+# the official ImageNet-1K weights of BiFormer-S, downloaded once to
+# <torch hub dir>/checkpoints/biformer_s_in1k_official.pth (put the file
+# there by hand without network access) and converted on load; a
+# local file: --cfg-options model.backbone.init_cfg.checkpoint=PATH
+checkpoint_file = (
+    'https://api.onedrive.com/v1.0/shares/s!AkBbczdRlZvChHDyM-x9KWRBZ832/root/content')
 
 model = dict(
     pretrained=None,

@@ -24,7 +24,9 @@ def test_the_eleven_configs_exist():
         f'{m}_biformer_{s}_{d}.py'
         for m, d in (('maskrcnn', 'coco'), ('retinanet', 'coco'),
                      ('upernet', 'ade20k'), ('semfpn', 'ade20k'))
-        for s in 'sb'}
+        for s in 'sb'} | {
+        'biformer_stl_in1k.py', 'biformer_stl_nchw_in1k.py',
+        'imagenet-v2_biformer_s.py', 'imagenet-c_biformer_s.py'}
     assert names == expected
 
 
@@ -35,14 +37,26 @@ def test_common(name):
                                       allow_failed_imports=False)
     bb = cfg.model.backbone
     assert bb.type == 'BiFormer'
-    size = osp.basename(name).split('_')[-2] if 'in1k' not in name else \
-        osp.basename(name).split('_')[1]
-    arch = dict(t='tiny', s='small', b='base')[size]
+    base = osp.basename(name)
+    size = base.split('_')[-2] if 'in1k' not in name else base.split('_')[1]
+    if 'robustness' in name:  # imagenet-{v2,c}_biformer_<size>.py
+        size = base[:-3].split('_')[-1]
+    arch = dict(t='tiny', s='small', b='base', stl='stl')[size]
+    if 'stl_nchw' in base:
+        arch = 'stl_nchw'
     assert bb.arch == arch
-    if 'in1k' not in name:
+    if 'robustness' in name:
+        assert cfg.default_scope == 'mmpretrain'
+        assert cfg.test_dataloader.dataset.type in ('ImageNetV2',
+                                                    'ImageNetC')
+        assert '_delete_' not in cfg.test_dataloader.dataset
+    elif 'in1k' not in name:
         # dense prediction: ImageNet weights through init_cfg, 4 outputs
         assert bb.init_cfg.type == 'Pretrained'
-        assert f'biformer_{arch}_best.pth' in bb.init_cfg.checkpoint
+        # the official ImageNet weights by URL (converted on load)
+        from mmbiformer.model_zoo import OFFICIAL_WEIGHTS
+        assert bb.init_cfg.checkpoint == \
+            OFFICIAL_WEIGHTS[f'biformer_{size}_in1k']
         assert tuple(bb.out_indices) == (0, 1, 2, 3)
         assert bb.auto_pad is True
         assert cfg.optim_wrapper.type == 'AmpOptimWrapper'
