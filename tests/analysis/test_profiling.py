@@ -75,9 +75,10 @@ def mini_config(tmp_path):
     from mini_arch import MINI
     path = tmp_path / 'mini.py'
     base = osp.join(REPO, 'configs', 'classification', 'biformer_t_in1k.py')
-    path.write_text(f"_base_ = [{base!r}]\n"
-                    f"model = dict(backbone=dict(arch=dict(_delete_=True, **{MINI!r}), "
-                    "attn_backend='torch'), head=dict(in_channels=256))\n")
+    path.write_text(f'_base_ = [{base!r}]\n'
+                    'model = dict(backbone=dict(arch=dict(_delete_=True, '
+                    f"**{MINI!r}), attn_backend='torch'), "
+                    'head=dict(in_channels=256))\n')
     return str(path)
 
 

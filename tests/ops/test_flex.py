@@ -41,13 +41,19 @@ def test_flex_forward_matches_reference(case, eager_flex):
 
 def test_flex_compiled_on_the_cpu_matches_reference(monkeypatch):
     """The path a user gets: FlexAttention compiled (inductor's CPU
-    template), inference."""
+    template), inference; another routing reuses the compiled graph."""
+    from torch._dynamo.utils import counters
     monkeypatch.setattr(flex_bra, 'COMPILE', True)
-    maps, graph = make_maps(1, 2, 4, 4, 4, 4, 16, 16, masked=True)
-    with torch.no_grad():
-        ref = bra(*maps, graph, 2, scale=0.4, backend='reference')
-        got = bra(*maps, graph, 2, scale=0.4, backend='flex')
-    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+    graphs = []
+    for seed in (0, 1):
+        maps, graph = make_maps(1, 2, 4, 4, 4, 4, 16, 16, masked=True,
+                                seed=seed)
+        with torch.no_grad():
+            ref = bra(*maps, graph, 2, scale=0.4, backend='reference')
+            got = bra(*maps, graph, 2, scale=0.4, backend='flex')
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+        graphs.append(counters['stats']['unique_graphs'])
+    assert graphs[1] == graphs[0]
 
 
 def test_flex_module_backend(eager_flex):
