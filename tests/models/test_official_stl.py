@@ -255,3 +255,34 @@ def test_stl_checkpoint_into_other_arch_is_named(tmp_path):
                        match='BiFormer-STL or BiFormer-STL-nchw'):
         load_biformer_checkpoint(BiFormer(arch='tiny'), str(path),
                                  prefix='backbone.')
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.parametrize('backend', ['triton', 'torch'])
+def test_official_stl_mini_on_cuda(backend):
+    """On a GPU, float32 without TF32: both STL minis (STL-nchw also at the
+    odd size, where its padded square grid goes through the operator)."""
+    tf32 = (torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        for arch in ARCHS:
+            path = str(FIXTURES / f'biformer_{arch}_mini_official.pth')
+            backbone = BiFormer(arch=mini_arch(arch), auto_pad=True,
+                                attn_backend=backend,
+                                init_cfg=dict(type='Pretrained',
+                                              checkpoint=path))
+            backbone.init_weights()
+            backbone = backbone.cuda().eval()
+            io = load(f'biformer_{arch}_mini_io.pth')
+            inputs = [('input', 'stage_outputs')]
+            if arch == 'stl_nchw':
+                inputs.append(('odd_input', 'odd_stage_outputs'))
+            for inp, key in inputs:
+                _, outs = stage_outputs(backbone, io[inp].cuda())
+                for ours, official in zip(outs, io[key]):
+                    assert max_diff(ours.cpu(), official) <= TOL
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.allow_tf32) = tf32
