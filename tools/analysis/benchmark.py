@@ -195,7 +195,7 @@ def in_process(args):
             print(json.dumps(r), flush=True)
         return records
     print('| model | mode | compiled | batch | img/s | ms | peak MB | '
-          'kernels | GPU busy |')
+          'kernels | device busy |')
     print('| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |')
     for r in records:
         peak = f"{r['peak_mb']:.0f}" if r['peak_mb'] is not None else ''
