@@ -25,6 +25,10 @@ on synthetic images with random boxes and masks (RPN, RoI and mask losses,
 target assignment included); a compiled case compiles the backbone, as
 ``compile=True`` in a config does here.
 
+Compiled cases report the graphs dynamo compiled while warming up
+(``graphs_compiled``) and any compiled while timed
+(``recompiles_while_timed``, which should stay 0).
+
 Peak memory of a case: the peak allocated during its timed steps, less
 what the other cases hold at rest, plus what it holds at rest itself
 (weights, gradients, optimiser state, compiled graphs' buffers), so that
@@ -257,9 +261,14 @@ def run_interleaved(cases: List[Case], device: Optional[str] = None,
     def allocated() -> float:
         return torch.cuda.memory_allocated(dev) / 2**20 if cuda else 0.0
 
+    from torch._dynamo.utils import counters
+
+    def graphs() -> int:
+        return counters['stats']['unique_graphs']
+
     prepared: List[_Prepared] = []
     for case in cases:
-        before = allocated()
+        before, graphs_before = allocated(), graphs()
         held: list = []
         make = _detector if _is_detection(case.target) else _classifier
         start = time.perf_counter()
@@ -270,6 +279,7 @@ def run_interleaved(cases: List[Case], device: Optional[str] = None,
         p = _Prepared(case, step, held)
         p.resident_mb = allocated() - before
         p.setup_s = time.perf_counter() - start
+        p.graphs = graphs() - graphs_before
         prepared.append(p)
         log(f'[ready] {case.label} {case.mode} b{case.batch} '
             f'{case.compile_mode or "eager"}: {p.setup_s:.0f} s to build '
@@ -280,7 +290,7 @@ def run_interleaved(cases: List[Case], device: Optional[str] = None,
             resident_all = allocated()
             if cuda:
                 torch.cuda.reset_peak_memory_stats(dev)
-            times = []
+            times, graphs_before = [], graphs()
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 p.step()
@@ -291,6 +301,8 @@ def run_interleaved(cases: List[Case], device: Optional[str] = None,
                 peak = (torch.cuda.max_memory_allocated(dev) / 2**20 -
                         resident_all + p.resident_mb)
             med = statistics.median(times)
+            p.recompiles = getattr(p, 'recompiles', 0) + graphs() - \
+                graphs_before
             if i not in best or med < best[i][0]:
                 best[i] = (med, peak)
             log(f'[round {rnd + 1}/{rounds}] {p.case.label} {p.case.mode} '
@@ -310,6 +322,8 @@ def run_interleaved(cases: List[Case], device: Optional[str] = None,
                    peak_mb=peak, amp=amp,
                    optimizer=optimizer if c.mode == 'train' else None,
                    setup_s=p.setup_s, rounds=rounds, repeats=repeats,
+                   graphs_compiled=p.graphs,
+                   recompiles_while_timed=p.recompiles,
                    **info)
         if profile:
             prof = profile_step(p.step, sync, 'cuda' if cuda else 'cpu')

@@ -127,4 +127,5 @@ def test_in_process_run_writes_records(mini_config, tmp_path):
             assert key in r, key
         assert r['model'] == 'mini' and r['compiled'] is False
         assert r['img_s'] > 0 and r['kernels_per_step'] > 0
+        assert r['graphs_compiled'] == 0 == r['recompiles_while_timed']
         assert r['device'].startswith('cpu')
