@@ -419,14 +419,13 @@ def inverted_routing(topk_index: Tensor, kv_regions: int
     """
     b, r, k = topk_index.shape
     flat = topk_index.reshape(b, r * k)
-    order = torch.argsort(flat, dim=1, stable=True)
+    keys, order = torch.sort(flat, dim=1, stable=True)
     routers = torch.div(order, k, rounding_mode='floor').to(torch.int32)
-    counts = torch.zeros(b, kv_regions, dtype=torch.int32,
-                         device=flat.device)
-    counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.int32))
-    start = torch.cat([counts.new_zeros(b, 1),
-                       torch.cumsum(counts, 1, dtype=torch.int32)], dim=1)
-    return routers.contiguous(), start
+    # where each key region's run begins in the sorted list: a search, not
+    # a scatter-add (deterministic on every device)
+    bounds = torch.arange(kv_regions + 1, device=flat.device)
+    start = torch.searchsorted(keys, bounds.expand(b, -1).contiguous())
+    return routers.contiguous(), start.to(torch.int32)
 
 
 def _launch_backward(g: _Geometry, q: Tensor, k: Tensor, v: Tensor,
