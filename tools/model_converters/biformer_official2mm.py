@@ -1,7 +1,8 @@
 """Convert an official BiFormer checkpoint to the OpenMMLab layout.
 
-* ImageNet checkpoints (``{'model': ...}``) become an mmpretrain
-  ``ImageClassifier`` checkpoint (``backbone.*``, ``head.fc.*``).
+* ImageNet checkpoints (``{'model': ...}``; BiFormer-T/S/B, -STL and
+  -STL-nchw) become an mmpretrain ``ImageClassifier`` checkpoint
+  (``backbone.*``, ``head.fc.*``; STL-nchw's 1x1 convs as linear weights).
 * mmdet/mmseg checkpoints (``state_dict`` with ``backbone.extra_norms``)
   keep their layout with the output norms renamed
   (``backbone.extra_norms.{i}`` -> ``backbone.norm{i}``).
