@@ -108,9 +108,12 @@ def token_attention_map(r: StageRouting,
     hp, wp = r.info['padded_hw']
     rh, rw = r.info['region_hw']
     h, w = r.feat_hw
-    x = F.pad(r.x, (0, 0, 0, wp - w, 0, hp - h))
+    pad = (0, 0, 0, wp - w, 0, hp - h)
     with torch.no_grad():
-        q, k, _ = attn.qkv(x)
+        if attn.pad_mode == 'after_qkv':  # zero padding after the projection
+            q, k = (F.pad(t, pad) for t in attn.qkv(r.x)[:2])
+        else:
+            q, k, _ = attn.qkv(F.pad(r.x, pad))
     region, y, xx = _query_region(r, point_xy)
     routed = r.info['topk_index'][0, region]  # (topk,)
     m = attn.num_heads

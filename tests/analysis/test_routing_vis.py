@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from mmbiformer.analysis.routing_vis import (
@@ -14,10 +15,17 @@ from mmbiformer.models import BiFormer
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 from mini_arch import MINI  # noqa: E402
 
+STL_NCHW_MINI = dict(BiFormer.arch_zoo['stl_nchw'],
+                     embed_dims=[32, 64, 128, 256], depths=[1, 1, 2, 1],
+                     mlp_ratios=[2, 2, 2, 2])
 
-def test_token_attention_covers_exactly_the_routed_regions():
+
+@pytest.mark.parametrize('arch', [MINI, STL_NCHW_MINI])
+def test_token_attention_covers_exactly_the_routed_regions(arch):
+    """Also for STL-nchw's rules (pad_mode='after_qkv'), whose region grid
+    at these odd sizes is larger than n_win x n_win."""
     torch.manual_seed(0)
-    net = BiFormer(arch=MINI, n_win=4, auto_pad=True).eval()
+    net = BiFormer(arch=arch, n_win=4, auto_pad=True).eval()
     img = torch.randn(1, 3, 100, 132)
     routings = collect_routing(net, img)
     assert [r.stage for r in routings] == [0, 1, 2]
