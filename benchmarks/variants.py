@@ -7,3 +7,8 @@ import torch.nn as nn
 def plain_mlp(mlp: nn.Sequential, x):
     """The MLP as ``nn.Sequential`` computes it (no GELU post-op)."""
     return nn.Sequential.forward(mlp, x)
+
+
+def plain_conv(conv: nn.Conv2d, x):
+    """The conv as ``nn.Conv2d`` computes it (torch's backward)."""
+    return conv._conv_forward(x, conv.weight, conv.bias)

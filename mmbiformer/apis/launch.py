@@ -212,17 +212,15 @@ def accelerate_backbones(model, accelerate_cfg='auto',
                          compiled: bool = False) -> bool:
     """``accelerate`` in a config: whether the BiFormer backbones go through
     :func:`mmbiformer.models.accelerate.accelerate` (oneDNN products and
-    the GELU as a post-op in inference where they pay; state dict
-    unchanged).
+    the GELU as a post-op in inference, a one-pass weight gradient for the
+    5x5 depthwise convs in training; state dict unchanged).
 
     ``'auto'`` (the default) applies it where it was measured to pay
-    (``docs/benchmarks.md``): eager runs on a CPU at the AVX-512 level
-    (``torch.backends.cpu.get_cpu_capability()``, which
-    ``ATEN_CPU_CAPABILITY`` can lower), where it sped up a BiFormer-S
-    inference step by a sixth; not on GPUs, not at lower levels (3 % at
-    AVX2) and not with ``compile``. It changes inference only: the
-    accelerated modules train as the plain ones. ``True`` and ``False``
-    force it. Returns whether it was applied."""
+    (``docs/benchmarks.md``): eager runs on a CPU at the AVX-512 or AVX2
+    level (``torch.backends.cpu.get_cpu_capability()``, which
+    ``ATEN_CPU_CAPABILITY`` can lower); not on GPUs, not at levels nobody
+    measured and not with ``compile``. ``True`` and ``False`` force it.
+    Returns whether it was applied."""
     if accelerate_cfg not in ('auto', True, False):
         raise ValueError("accelerate must be 'auto', True or False, got "
                          f'{accelerate_cfg!r}')
@@ -231,7 +229,7 @@ def accelerate_backbones(model, accelerate_cfg='auto',
         accelerate_cfg = (not compiled and param is not None
                           and param.device.type == 'cpu'
                           and torch.backends.cpu.get_cpu_capability()
-                          == 'AVX512')
+                          in ('AVX512', 'AVX2'))
     if not accelerate_cfg:
         return False
     from ..models.accelerate import accelerate

@@ -5,11 +5,14 @@ The backbone is built from plain torch modules (``nn.Linear``,
 ``nn.LayerNorm``, ``DropPath``) so that users can hook, replace or quantise
 them. This transform trades some of that for speed, in place, and only
 inside :class:`~.biformer.BiFormer` backbones (a neck, a head or another
-backbone in the same model is left alone): the linear layers and the GELU
-MLPs become :class:`~mmbiformer.ops.accelerate.AcceleratedLinear` and
-:class:`~mmbiformer.ops.accelerate.AcceleratedMlp`, registered products
-whose CPU registration runs them in oneDNN where that was measured to pay
-(other devices compute as before).
+backbone in the same model is left alone): the linear layers, the GELU
+MLPs and the 5x5 depthwise convs (LePE) become
+:class:`~mmbiformer.ops.accelerate.AcceleratedLinear`,
+:class:`~mmbiformer.ops.accelerate.AcceleratedMlp` and
+:class:`~mmbiformer.ops.accelerate.AcceleratedDepthwiseConv`: registered
+operators whose CPU registration runs oneDNN products and the GELU post-op
+in inference and a one-pass C++ weight gradient of the convs in training,
+where each was measured to pay (other devices compute as before).
 
 Module classes change; parameters, buffers and parameter names do not, so
 checkpoints saved from an accelerated model load into a plain one and back.

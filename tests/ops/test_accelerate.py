@@ -7,10 +7,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mmbiformer.ops import BiLevelRoutingAttention
+from mmbiformer.ops import BiLevelRoutingAttention, cpu_ext
 from mmbiformer.ops.accelerate import (
+    AcceleratedDepthwiseConv,
     AcceleratedLinear,
     AcceleratedMlp,
+    depthwise_conv2d,
+    depthwise_weight_grad,
     linear,
     linear_gelu,
     swap_modules,
@@ -52,7 +55,7 @@ def test_accelerated_layer_compiles_and_equals_plain():
     plain = BiLevelRoutingAttention(32, num_heads=2, n_win=2, topk=2,
                                     auto_pad=True)
     fast = copy.deepcopy(plain)
-    assert swap_modules(fast) == 2  # qkv.qkv and wo
+    assert swap_modules(fast) == 3  # qkv.qkv, wo and the 5x5 LePE
     x = torch.randn(2, 6, 7, 32)
     compiled = torch.compile(fast, fullgraph=True, backend='aot_eager')
     torch.testing.assert_close(compiled(x), plain(x), atol=1e-5, rtol=1e-5)
@@ -104,3 +107,59 @@ def test_opcheck_linear_gelu(layout):
         x = x.transpose(1, 2).contiguous().transpose(1, 2)
     torch.library.opcheck(linear_gelu, (x, torch.randn(8, 16),
                                         torch.randn(8)))
+
+
+def _channels_last(*shape):
+    n, c, h, w = shape
+    return torch.randn(n, h, w, c).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize('k', [5, 7])
+@pytest.mark.parametrize('layout', ['channels_last', 'contiguous'])
+def test_depthwise_conv_gradients_match_conv2d(k, layout):
+    torch.manual_seed(0)
+    plain = nn.Conv2d(24, 24, k, padding=k // 2, groups=24)
+    fast = copy.deepcopy(plain)
+    assert swap_modules(fast) == 1
+    assert type(fast) is AcceleratedDepthwiseConv
+    x = _channels_last(2, 24, 9, 11)
+    if layout == 'contiguous':
+        x = x.contiguous()
+    x.requires_grad_()
+    g = torch.randn(2, 24, 9, 11)
+    ref = torch.autograd.grad(plain(x), [x, *plain.parameters()], g)
+    got = torch.autograd.grad(fast(x), [x, *fast.parameters()], g)
+    for a, e in zip(got, ref):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+
+
+def test_depthwise_weight_grad_cpp_equals_torch(monkeypatch):
+    if not cpu_ext.available():
+        pytest.skip('the CPU kernels are not built here')
+    torch.manual_seed(0)
+    x, g = _channels_last(3, 40, 12, 10), _channels_last(3, 40, 12, 10)
+    got = depthwise_weight_grad(x, g, 5)
+    monkeypatch.setattr(cpu_ext, 'load', lambda: None)
+    ref = depthwise_weight_grad(x, g, 5)  # torch's convolution_backward
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_only_large_odd_stride1_depthwise_convs_are_swapped():
+    keep = [nn.Conv2d(8, 8, 3, padding=1, groups=8),  # 3x3: torch's wins
+            nn.Conv2d(8, 8, 5, padding=2, groups=8, stride=2),
+            nn.Conv2d(8, 16, 5, padding=2, groups=8),
+            nn.Conv2d(8, 8, 5, padding=1, groups=8)]
+    for conv in keep:
+        assert swap_modules(conv) == 0 and type(conv) is nn.Conv2d
+
+
+@pytest.mark.parametrize('layout', ['compact', 'permuted'])
+def test_opcheck_depthwise(layout):
+    x = torch.randn(2, 6, 7, 5)
+    if layout == 'permuted':
+        x = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    torch.library.opcheck(depthwise_conv2d, (
+        x.requires_grad_(), torch.randn(6, 1, 5, 5, requires_grad=True),
+        torch.randn(6, requires_grad=True)))
+    torch.library.opcheck(depthwise_weight_grad,
+                          (x.detach(), torch.randn_like(x), 5))

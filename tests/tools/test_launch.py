@@ -159,13 +159,13 @@ def test_accelerate_option_auto_on_cpu_false_and_bad_value(
     assert not any(type(m) is AcceleratedMlp for m in plain.modules())
     # compiled backbones stay plain under 'auto'
     assert not accelerate_backbones(plain, 'auto', compiled=True)
-    # 'auto' on CPU parameters: only at the AVX-512 level
+    # 'auto' on CPU parameters: only at the measured levels
     monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability',
-                        lambda: 'AVX2')
+                        lambda: 'DEFAULT')
     assert not accelerate_backbones(plain)
     assert accelerate_backbones(plain, True)  # forced
     monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability',
-                        lambda: 'AVX512')
+                        lambda: 'AVX2')
     fast = model()
     assert accelerate_backbones(fast)
     assert any(type(m) is AcceleratedMlp for m in fast.modules())

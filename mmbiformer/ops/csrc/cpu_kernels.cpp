@@ -791,7 +791,66 @@ void bra_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k,
 }
 
 
+// ---------------------------------------------------------------------------
+// Weight gradient of a stride-1 "same" depthwise conv on channels-last maps.
+//
+// dw[c, i, j] = sum over n, h, w of g[n, h, w, c] * x[n, h + i - p, w + j - p, c]
+// One output-gradient row stays in cache while the k input rows it meets
+// are read; the channel loop vectorises at any level.
+
+namespace {
+
+void dw_grad_row(const View4& x, const View4& g, float* acc, int64_t n,
+                 int64_t h, int64_t H, int64_t W, int64_t C, int64_t k) {
+  const int64_t p = k / 2;
+  const float* grow = g.at(n, h, 0);
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t hx = h + i - p;
+    if (hx < 0 || hx >= H) continue;
+    const float* xrow = x.at(n, hx, 0);
+    for (int64_t j = 0; j < k; ++j) {
+      float* a = acc + (i * k + j) * C;
+      const int64_t w0 = std::max<int64_t>(0, p - j);
+      const int64_t w1 = std::min<int64_t>(W, W + p - j);
+      for (int64_t w = w0; w < w1; ++w) {
+        const float* xv = xrow + (w + j - p) * x.sh;
+        const float* gv = grow + w * g.sh;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) a[c] += xv[c] * gv[c];
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// x, g: (N, H, W, C) float32 with unit channel stride -> (C, 1, k, k)
+torch::Tensor dwconv_weight_grad(torch::Tensor x, torch::Tensor g,
+                                 int64_t k) {
+  TORCH_CHECK(x.dim() == 4 && g.sizes() == x.sizes(),
+              "dwconv_weight_grad: x and g must be (N, H, W, C) of one shape");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && g.scalar_type() == at::kFloat,
+              "dwconv_weight_grad: float32 only");
+  TORCH_CHECK(x.stride(3) == 1 && g.stride(3) == 1,
+              "dwconv_weight_grad: channels must be the innermost dim");
+  TORCH_CHECK(k % 2 == 1, "dwconv_weight_grad: odd kernel sizes only");
+  const int64_t N = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
+  const View4 xv = view4(x), gv = view4(g);
+  // every thread sums into a zeroed buffer of its own; then their sum
+  auto partial = torch::zeros({at::get_num_threads(), k * k, C}, x.options());
+  float* pp = partial.data_ptr<float>();
+  const int64_t size = k * k * C;
+  at::parallel_for(0, N * H, 1, [&](int64_t r0, int64_t r1) {
+    float* acc = pp + at::get_thread_num() * size;
+    for (int64_t r = r0; r < r1; ++r)
+      dw_grad_row(xv, gv, acc, r / H, r % H, H, W, C, k);
+  });
+  return partial.sum(0).t().reshape({C, 1, k, k}).contiguous();
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("dwconv_weight_grad", &dwconv_weight_grad,
+        "weight gradient of a stride-1 'same' depthwise conv (NHWC maps)");
   m.def("bra_forward", &bra_forward,
         "bi-level routing attention, token order (out, lse)", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("idx"), py::arg("H"),
