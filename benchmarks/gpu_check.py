@@ -317,6 +317,8 @@ NEEDS = {
     'classification': ('mmengine', 'mmcv', 'mmpretrain'),
     'detection': ('mmengine', 'mmcv', 'mmdet', 'mmcv._ext'),
 }
+# (mmcv._ext: mmcv's compiled ops, or benchmarks/mmcv_ext_torchvision.py
+# copied in as mmcv/_ext.py next to mmcv-lite)
 
 
 def _json_lines(text):
@@ -347,8 +349,7 @@ def _bench(run: Run, stage: str, configs, extra, cap: float) -> None:
                              else 'classification'])
     if missing:
         run.write(stage=stage, status=f'skipped: {missing} is not installed '
-                  '(benchmarks/gpu_wheels.sh makes wheels of the pure-Python '
-                  'packages; mmcv._ext is mmcv built with its CUDA ops)')
+                  '(see benchmarks/gpu_wheels.sh)')
         run.log(f'{stage}: skipped, no {missing}')
         return
     dry = ['--warmup', '1', '--repeats', '1', '--rounds', '1',
@@ -359,8 +360,21 @@ def _bench(run: Run, stage: str, configs, extra, cap: float) -> None:
            '--in-process', '--device', a.device, '--optimizer',
            'adamw-fused' if a.device == 'cuda' else 'adamw', '--json',
            *(['--amp', 'bf16'] if a.device == 'cuda' else []), *extra, *dry]
+    fields = {}
+    if stage == 'detection':  # whose NMS and RoIAlign kernels ran
+        fields['mmcv_ops'] = _mmcv_ops()
     for rec in _json_lines(_subprocess(run, stage, cmd, cap)):
-        run.write(stage=stage, **rec)
+        run.write(stage=stage, **rec, **fields)
+
+
+def _mmcv_ops():
+    """``'mmcv'`` (its compiled ops), ``'torchvision'`` (the stand-in of
+    benchmarks/mmcv_ext_torchvision.py) or None."""
+    try:
+        import mmcv._ext as ext
+    except Exception:  # noqa: BLE001 (any failure means: not usable)
+        return None
+    return getattr(ext, 'SOURCE', 'mmcv')
 
 
 def stage_classification(run: Run) -> None:
