@@ -12,3 +12,10 @@ def plain_mlp(mlp: nn.Sequential, x):
 def plain_conv(conv: nn.Conv2d, x):
     """The conv as ``nn.Conv2d`` computes it (torch's backward)."""
     return conv._conv_forward(x, conv.weight, conv.bias)
+
+
+def op_linear(layer: nn.Linear, x):
+    """The layer through ``mmbiformer::linear`` in training too (oneDNN
+    forward with the bias fused, torch's products in the backward)."""
+    from mmbiformer.ops.accelerate import linear
+    return linear(x, layer.weight, layer.bias)

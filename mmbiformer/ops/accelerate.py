@@ -87,8 +87,9 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad: Tensor):
     x, weight = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad
-    dx = linear(grad, weight.t(), None) if need_x else None
     rows = grad.reshape(-1, grad.shape[-1])
+    dx = rows.mm(weight).view(*grad.shape[:-1], weight.shape[1]) \
+        if need_x else None
     dw = rows.t().mm(x.reshape(-1, x.shape[-1])) if need_w else None
     db = rows.sum(0) if need_b and ctx.has_bias else None
     return dx, dw, db
@@ -132,9 +133,15 @@ class AcceleratedLinear(nn.Linear):
     training step). Same parameters and results to float rounding."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if _grad_needed(x, self.weight, self.bias):
-            return F.linear(x, self.weight, self.bias)
-        return linear(x, self.weight, self.bias)
+        return linear_forward(self, x)
+
+
+def linear_forward(layer: nn.Linear, x: Tensor) -> Tensor:
+    """The layer's output: ``F.linear`` where a gradient is needed, else
+    ``mmbiformer::linear``."""
+    if _grad_needed(x, layer.weight, layer.bias):
+        return F.linear(x, layer.weight, layer.bias)
+    return linear(x, layer.weight, layer.bias)
 
 
 def _nhwc(t: Tensor) -> Tensor:

@@ -174,8 +174,8 @@ def bra_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
                  key_valid: Optional[Tensor], n_win: int, heads: int,
                  scale: float, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``q``, ``k``, ``v`` (contiguous, their shapes); ``out``
-    may be ``None`` for an implementation whose ``NEEDS_OUTPUT`` is
-    false."""
+    is the forward's output (the C++ implementation does not read it and
+    takes ``None`` too)."""
     return _backward('other', grad_out, q, k, v, out, lse, topk_index,
                      key_valid, n_win, heads, scale, backend)
 
@@ -211,12 +211,12 @@ def _(grad_out, q, k, v, out, lse, topk_index, key_valid, n_win, heads,
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, topk_index, key_valid, n_win, heads, scale, backend = inputs
     out, lse = output
-    # the output only where the backward reads it (the C++ one does not):
-    # the implementation the registration of q's device took
-    device = q.device.type if q.device.type in ('cpu', 'cuda') else 'other'
-    impl = implementation(device, backend, q, v, heads, key_valid)
-    ctx.save_for_backward(q, k, v, out if impl.NEEDS_OUTPUT else None, lse,
-                          topk_index, key_valid)
+    # the output is kept whatever the implementation (the C++ backward does
+    # not read it): torch.compile caches the traced backward on disk under
+    # a key that does not see which implementation this machine's
+    # capability level picks, so a graph traced at one level must work at
+    # every other
+    ctx.save_for_backward(q, k, v, out, lse, topk_index, key_valid)
     ctx.args = (n_win, heads, scale, backend)
 
 

@@ -30,8 +30,6 @@ from torch import Tensor
 
 __all__ = ['backward', 'forward']
 
-#: :func:`backward` reads the forward's output
-NEEDS_OUTPUT = True
 
 #: Upper bound on the elements of one chunk's gathered K/V plus attention
 #: matrix (about 32 MB of float32).

@@ -23,10 +23,6 @@ from . import cpu_ext
 
 __all__ = ['applies', 'backward', 'forward']
 
-#: :func:`backward` does not read the forward's output (it recomputes
-#: ``dO . o`` from the probabilities): the operator does not keep it
-NEEDS_OUTPUT = False
-
 
 def applies(q: Tensor, v: Tensor, heads: int,
             key_valid: Optional[Tensor]) -> Optional[str]:

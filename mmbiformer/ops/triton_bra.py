@@ -54,8 +54,6 @@ from torch.library import triton_op, wrap_triton
 __all__ = ['BACKWARD', 'applies', 'backward', 'backward_mode', 'forward',
            'inverted_routing', 'traceable']
 
-#: :func:`backward` reads the forward's output
-NEEDS_OUTPUT = True
 
 _MAX_HEAD_DIM = 256
 

@@ -134,9 +134,12 @@ def test_pinned_capability_level(level):
 
 
 @needs_kernels
-def test_cpu_kernels_do_not_keep_the_output():
-    """The C++ backward needs no forward output, so the operator saves one
-    tensor fewer for it than for the portable implementation."""
+def test_saved_tensors_do_not_depend_on_the_implementation():
+    """The operator saves the same tensors whichever implementation runs
+    (the C++ backward does not read the output, the portable one does):
+    torch.compile's on-disk cache of the traced backward cannot tell the
+    capability levels apart, so a graph traced at AVX-512 must also work
+    at AVX2 (it once got ``None`` for the output there)."""
     maps, graph = make_maps(1, 2, 2, 2, 2, 2, 16, 16)
     q, k, v = (t.detach().requires_grad_() for t in maps)
     saved = {}
@@ -146,5 +149,5 @@ def test_cpu_kernels_do_not_keep_the_output():
                 lambda t, shapes=shapes: shapes.append(tuple(t.shape)) or t,
                 lambda t: t):
             bra_forward(q, k, v, graph.topk_index, None, 2, 2, 0.4, backend)
-    out_shape = tuple(v.shape)
-    assert saved['torch'].count(out_shape) == saved['cpu'].count(out_shape) + 1
+    assert saved['torch'] == saved['cpu']
+    assert tuple(v.shape) in saved['cpu']  # the output among them
