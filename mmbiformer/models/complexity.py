@@ -7,8 +7,9 @@ single ``prim::PythonOp`` nodes, which the counter would skip: they get the
 handle of :mod:`mmbiformer.ops.flops`; the last stage's
 ``aten::scaled_dot_product_attention`` gets :func:`sdpa_flop_jit`. The
 ``reference`` backend (the dense, masked oracle) would be counted at its
-dense cost, so during the count the routing attentions that use it run
-with ``official`` instead (the same function). The counts are therefore
+dense cost and ``flex`` (a compiled FlexAttention) cannot be traced, so
+during the count the routing attentions that use them run with
+``official`` instead (the same function). The counts are therefore
 identical for every backend.
 
 BatchNorm: the published BiFormer counts (2.23 / 4.49 / 9.80 G for tiny /
@@ -29,7 +30,7 @@ from ..ops import BRA_JIT_OP_NAMES, BiLevelRoutingAttention, bra_flop_jit
 SDPA_OP = 'aten::scaled_dot_product_attention'
 
 #: backends counted through another one (same function, sparse cost)
-_COUNT_AS = {'reference': 'official'}
+_COUNT_AS = {'reference': 'official', 'flex': 'official'}
 
 
 def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:

@@ -189,9 +189,14 @@ def block_stats(graph: RegionGraph, hw: Tuple[int, int],
                 density=computed / g.length ** 2)
 
 
-def _flex():
+def _flex(device: torch.device):
     from torch.nn.attention.flex_attention import flex_attention
     if not COMPILE or torch.compiler.is_compiling():
+        return flex_attention
+    if device.type == 'cpu' and \
+            torch.backends.cpu.get_cpu_capability() != 'AVX512':
+        # below AVX-512 the CPU kernel inductor generates for it fails
+        # ('index out of bounds', torch 2.14): the uncompiled one there
         return flex_attention
     global _compiled
     if _compiled is None:
@@ -218,7 +223,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, graph: RegionGraph, heads: int,
                       g.padded_regions - g.regions))
         return t.reshape(t.shape[0], heads, g.length, t.shape[-1])
 
-    out = _flex()(seq(q), seq(k), seq(v), block_mask=mask, scale=scale)
+    out = _flex(q.device)(seq(q), seq(k), seq(v), block_mask=mask,
+                          scale=scale)
     out = out.view(out.shape[0], heads, g.padded_regions, g.slots, -1)
     out = out[:, :, :g.regions, :g.tokens]
     return rearrange(out, 'n m (j i) (y x) c -> n (j y) (i x) (m c)', j=nw,
