@@ -8,8 +8,8 @@ Steps:
 
 1. ``tools/dataset_converters/make_demo_data.py`` writes the data under
    ``data/demo`` unless it is already there;
-2. classification: ``tools/train.py`` trains BiFormer-T with the real
-   ImageNet config and the demo schedule
+2. classification: ``tools/train.py`` trains a small BiFormer (the demo
+   architecture) with the real ImageNet config and the demo schedule
    (:data:`mmbiformer.apis.demo.DEMO_SCHEDULE`, the one place that says
    what the demo changes); the merged config is written next to the run
    (``work_dirs/demo/<task>/<config>_demo.py``);
@@ -41,8 +41,8 @@ sys.path.insert(0, osp.join(REPO, 'tools', 'dataset_converters'))
 import make_demo_data  # noqa: E402
 
 NAMES = dict(cls='classification', det='detection', seg='segmentation')
-MODELS = dict(cls='BiFormer-T classifier', det='Mask R-CNN, BiFormer-T',
-              seg='Semantic FPN, BiFormer-T')
+MODELS = dict(cls='BiFormer classifier', det='Mask R-CNN + BiFormer',
+              seg='Semantic FPN + BiFormer')
 PROGRESS = re.compile(r'(Epoch|Iter)\((train|val|test)\)|Saving checkpoint|'
                       r'Error|error:|Traceback|\[infer\]|tensors loaded')
 
@@ -60,6 +60,7 @@ def stream(cmd, log_file, prefix):
         tail = []
         for line in proc.stdout:
             log.write(line)
+            log.flush()
             tail = (tail + [line])[-40:]
             if PROGRESS.search(line) or line.startswith('[mmbiformer]'):
                 text = re.sub(r'^\d+/\d+ [\d:]+ - mmengine - \w+ - ', '',
@@ -98,8 +99,10 @@ def run_task(task, args, init_ckpt=None):
               f'{spec["iters"]} iterations')
     init = f', backbone from {rel(init_ckpt)}' if init_ckpt else \
         ', from scratch'
+    arch = spec['arch']
     print(f'[{task}] training {MODELS[task]} ({spec["config"]} + the demo '
-          f'schedule: {length}, batch {spec["batch_size"]}, '
+          f'schedule: BiFormer of widths {arch["embed_dims"]} and depths '
+          f'{arch["depths"]}, {length}, batch {spec["batch_size"]}, '
           f'{spec["img_size"]} px{init})', flush=True)
     t0 = time.time()
     stream([py, 'tools/train.py', rel(config), '--work-dir', rel(work_dir)],

@@ -89,6 +89,37 @@ def demo_train_images(root: str, task: str) -> int:
     return len(os.listdir(osp.join(d, 'images', 'training')))
 
 
+def demo_classes(root: str, task: str) -> tuple:
+    """The class names of the built-in data, in label order: its object
+    classes (classification, detection) or its stuff and object classes
+    (segmentation), as names of the dataset's own class list (the demo
+    models predict these and no others)."""
+    d = osp.join(root, DATA_DIRS[task])
+    if task == 'cls':
+        return tuple(f.split('_', 1)[-1]
+                     for f in sorted(os.listdir(osp.join(d, 'train'))))
+    if task == 'det':
+        import json
+        with open(osp.join(d, 'annotations',
+                           'instances_train2017.json')) as f:
+            data = json.load(f)
+        used = {a['category_id'] for a in data['annotations']}
+        return tuple(c['name'] for c in sorted(data['categories'],
+                                               key=lambda c: c['id'])
+                     if c['id'] in used)
+    import numpy as np
+    from mmseg.datasets import ADE20KDataset
+    from PIL import Image
+    ann_dir = osp.join(d, 'annotations', 'training')
+    values = set()
+    for name in sorted(os.listdir(ann_dir)):
+        values |= set(np.unique(np.asarray(
+            Image.open(osp.join(ann_dir, name)))).tolist())
+    names = ADE20KDataset.METAINFO['classes']
+    # label v (1..150) is class v - 1 (reduce_zero_label); 0 is ignored
+    return tuple(names[v - 1] for v in sorted(values - {0}))
+
+
 def builtin_data_options(cfg,
                          root: str = 'data/demo',
                          img_size: Optional[int] = None,
@@ -300,45 +331,69 @@ def save_initial_checkpoint(cfg, path: str) -> str:
 # ===================================================================== #
 # The demo's schedule (``make demo``, ``tools/demo.py``)                 #
 # ===================================================================== #
+#: The demo's BiFormer: the real backbone class (``arch`` given as a dict,
+#: as any user may) with every stage kind of the official models (bi-level
+#: routing attention with top-k 1, 4 and 16 regions, then global attention
+#: with LePE) but fewer and narrower blocks: about 1/20 of BiFormer-T's
+#: compute, so that a 2-core CPU trains all three tasks in minutes.
+DEMO_ARCH = dict(
+    embed_dims=[32, 64, 128, 256],
+    depths=[1, 1, 2, 1],
+    head_dim=32,
+    mlp_ratios=[3, 3, 3, 3],
+    topks=[1, 4, 16, -2])
+
 #: THE DEMO SCHEDULE. ``make demo`` runs the real configs with these
 #: changes, and nothing else changes them. They turn the paper's
 #: 8-GPU, days-long recipes into minutes on a 2-core CPU:
 #:
-#: * model: BiFormer-T (``arch='tiny'``) for all three tasks, no drop path,
-#:   and ``n_win`` chosen for the small images (a stage-3 feature map of
-#:   ``n_win`` x ``n_win`` regions of one token: n_win does not change the
-#:   weights, only how the map is cut into regions);
-#: * image size: ``img_size`` (the built-in images are drawn at about that
+#: * model: the demo architecture ``DEMO_ARCH`` for all three tasks, no
+#:   drop path, and ``n_win`` chosen for the small images (a stage-3 map
+#:   of ``n_win`` x ``n_win`` regions of one token; n_win does not change
+#:   the weights, only how a map is cut into regions); the necks and heads
+#:   keep their types and structure with ``channels`` feature channels
+#:   (FPN outputs, RPN, RoI feature and mask-head convolutions, Semantic
+#:   FPN head) instead of 256 (128 in Semantic FPN's head), and Mask
+#:   R-CNN's two shared box layers have ``fc_channels`` instead of 1024;
+#: * image size: ``img_size`` (the built-in images are drawn at that
 #:   size);
-#: * classification: the 6 built-in classes (``num_classes=6`` and their
-#:   names), no Mixup/CutMix, RandAugment, random erasing, repeated
+#: * classes: those of the built-in data (:func:`demo_classes`; 6 object
+#:   classes, and 3 stuff classes for segmentation): ``num_classes`` and the
+#:   datasets' ``metainfo`` name them (a subset of ImageNet's, COCO's and
+#:   ADE20K's class lists, which mmdet and mmseg map labels to);
+#: * classification: no Mixup/CutMix, RandAugment, random erasing, repeated
 #:   augmentation or EMA (kept: random resized crops, flips, label
 #:   smoothing, AdamW with the recipe's weight decay and gradient clipping);
 #: * detection and segmentation: the backbone starts from the demo's
 #:   classifier (``init_cfg=dict(type='Pretrained', ...)``), as the real
 #:   workflow starts from ImageNet weights; segmentation crops are resized
 #:   by 0.75-1.5x instead of 0.5-2x and the photometric distortion is off;
+#: * Mask R-CNN: anchors of ``anchor_scale`` x stride (the objects are
+#:   15-60 px, the recipe's 8 x stride is made for COCO's 800 px images);
+#:   ``rpn_rois`` proposals kept per image in training and ``rcnn_rois``
+#:   of them sampled for the box and mask heads (not 2000 / 512), 100
+#:   proposals at test time (not 1000): the images hold 1-5 objects;
 #: * schedule: ``epochs``/``iters`` with ``batch_size``, AdamW at ``lr``
 #:   after a linear warm-up of ``warmup`` iterations (from 1/10 of it),
 #:   then cosine decay to ``lr / 100``; no validation during training
-#:   (``tools/test.py`` evaluates the last checkpoint);
-#: * Mask R-CNN samples 128 RoIs per image in training (not 512) and keeps
-#:   100 proposals at test time (not 1000): the images hold 1-4 objects.
+#:   (``tools/test.py`` evaluates the last checkpoint); every run seeded
+#:   with ``seed`` (``randomness=dict(seed=...)``; the built-in data is
+#:   deterministic too).
 DEMO_SCHEDULE = dict(
     cls=dict(
         config='configs/classification/biformer_t_in1k.py',
-        img_size=64, n_win=4, batch_size=32, epochs=4, lr=5e-4,
-        warmup=15, workers=1),
+        arch=DEMO_ARCH, img_size=64, n_win=4, batch_size=32, epochs=8,
+        lr=2e-3, warmup=30, workers=1, seed=0),
     det=dict(
         config='configs/detection/maskrcnn_biformer_s_coco.py',
-        img_size=128, n_win=8, batch_size=4, epochs=4, lr=4e-4,
-        warmup=20, workers=1),
+        arch=DEMO_ARCH, img_size=128, n_win=8, batch_size=4, epochs=3,
+        lr=8e-4, warmup=50, workers=1, seed=0, channels=64,
+        fc_channels=256, anchor_scale=4, rpn_rois=300, rcnn_rois=64),
     seg=dict(
         config='configs/segmentation/semfpn_biformer_s_ade20k.py',
-        img_size=96, n_win=6, batch_size=8, iters=150, lr=1e-3,
-        warmup=15, workers=1),
+        arch=DEMO_ARCH, img_size=128, n_win=8, batch_size=8, iters=300,
+        lr=1e-3, warmup=30, workers=1, seed=0, channels=64),
 )
-
 
 def _cosine_schedule(warmup: int, total: int, lr: float) -> list:
     """Linear warm-up over ``warmup`` iterations from lr/10, then cosine
@@ -382,7 +437,10 @@ def demo_overrides(cfg, task: str, root: str = 'data/demo',
         total = length = spec['iters']
         train_cfg = dict(max_iters=length)
     loader = dict(num_workers=workers, persistent_workers=workers > 0)
-    backbone = dict(arch='tiny', n_win=spec['n_win'], drop_path_rate=0.)
+    # (a dict replaces the config's arch name)
+    arch = dict(copy.deepcopy(spec['arch']), _delete_=True)
+    dims = list(arch['embed_dims'])
+    backbone = dict(arch=arch, n_win=spec['n_win'], drop_path_rate=0.)
     if task != 'cls':
         backbone['init_cfg'] = (
             dict(type='Pretrained', checkpoint=init_checkpoint)
@@ -395,19 +453,19 @@ def demo_overrides(cfg, task: str, root: str = 'data/demo',
         default_hooks=dict(
             logger=dict(interval=10),
             checkpoint=dict(interval=length, max_keep_ckpts=1)),
-        randomness=dict(seed=0),
+        randomness=dict(seed=spec['seed']),
         custom_hooks=[],
         # no validation loop in training (mmengine would validate after the
         # last epoch): tools/test.py evaluates the last checkpoint
         val_dataloader=None, val_cfg=None, val_evaluator=None,
     )
+    # the classes of the built-in data (``num_classes`` and their names)
+    classes = demo_classes(root, task)
+    meta = dict(classes=classes)
     if task == 'cls':
-        from_dir = sorted(os.listdir(osp.join(data_root, 'train')))
-        classes = tuple(d.split('_', 1)[-1] for d in from_dir)
         out['model'].update(
-            head=dict(num_classes=len(classes)),
+            head=dict(num_classes=len(classes), in_channels=dims[-1]),
             train_cfg=None)  # no Mixup / CutMix
-        meta = dict(classes=classes)
         out['train_dataloader'] = dict(
             batch_size=bs, **loader,
             sampler=dict(_delete_=True, type='DefaultSampler', shuffle=True),
@@ -430,15 +488,27 @@ def demo_overrides(cfg, task: str, root: str = 'data/demo',
             data_root=data_root, metainfo=meta, pipeline=test_pipeline))
         out['test_evaluator'] = dict(type='Accuracy', topk=(1, ))
     elif task == 'det':
-        # 128 sampled RoIs per image instead of 512 and at most 100
-        # proposals at test time (the images hold 1-4 objects): the box
-        # head's fully connected layers are most of a CPU step otherwise
+        c, fc = spec['channels'], spec['fc_channels']
+        roi = dict(out_channels=c)
         out['model'].update(
-            train_cfg=dict(rcnn=dict(sampler=dict(num=128))),
+            neck=dict(in_channels=dims, out_channels=c),
+            rpn_head=dict(in_channels=c, feat_channels=c,
+                          anchor_generator=dict(
+                              scales=[spec['anchor_scale']])),
+            roi_head=dict(
+                bbox_roi_extractor=roi, mask_roi_extractor=roi,
+                bbox_head=dict(in_channels=c, fc_out_channels=fc,
+                               num_classes=len(classes)),
+                mask_head=dict(in_channels=c, conv_out_channels=c,
+                               num_classes=len(classes))),
+            train_cfg=dict(
+                rpn_proposal=dict(nms_pre=2 * spec['rpn_rois'],
+                                  max_per_img=spec['rpn_rois']),
+                rcnn=dict(sampler=dict(num=spec['rcnn_rois']))),
             test_cfg=dict(rpn=dict(nms_pre=300, max_per_img=100)))
         out['train_dataloader'] = dict(
             batch_size=bs, **loader, dataset=dict(
-                data_root=data_root, pipeline=[
+                data_root=data_root, metainfo=meta, pipeline=[
                     dict(type='LoadImageFromFile'),
                     dict(type='LoadAnnotations', with_bbox=True,
                          with_mask=True),
@@ -456,13 +526,18 @@ def demo_overrides(cfg, task: str, root: str = 'data/demo',
         ]
         ann = osp.join(data_root, 'annotations', 'instances_val2017.json')
         out['test_dataloader'] = dict(batch_size=4, **loader, dataset=dict(
-            data_root=data_root, pipeline=test_pipeline))
+            data_root=data_root, metainfo=meta, pipeline=test_pipeline))
         out['test_evaluator'] = dict(ann_file=ann)
     else:  # seg
-        out['model']['data_preprocessor'] = dict(size=(s, s))
+        c = spec['channels']
+        out['model'].update(
+            data_preprocessor=dict(size=(s, s)),
+            neck=dict(in_channels=dims, out_channels=c),
+            decode_head=dict(in_channels=[c] * len(dims), channels=c,
+                             num_classes=len(classes)))
         out['train_dataloader'] = dict(
             batch_size=bs, **loader, dataset=dict(
-                data_root=data_root, pipeline=[
+                data_root=data_root, metainfo=meta, pipeline=[
                     dict(type='LoadImageFromFile'),
                     dict(type='LoadAnnotations', reduce_zero_label=True),
                     dict(type='RandomResize', scale=(4 * s, s),
@@ -479,7 +554,7 @@ def demo_overrides(cfg, task: str, root: str = 'data/demo',
             dict(type='PackSegInputs'),
         ]
         out['test_dataloader'] = dict(batch_size=1, **loader, dataset=dict(
-            data_root=data_root, pipeline=test_pipeline))
+            data_root=data_root, metainfo=meta, pipeline=test_pipeline))
     return out
 
 

@@ -41,6 +41,7 @@ The command skips a dataset whose completion marker is already present
 every run.
 """
 import argparse
+import colorsys
 import json
 import math
 import os
@@ -91,11 +92,11 @@ ADE_THINGS = dict(disc=(120, 'ball'), square=(42, 'box'),
 
 # ----------------------------------------------------------- dataset sizes
 SPLITS = dict(
-    cls=dict(size=64, train=1200, val=300),
-    det=dict(size=128, train=200, val=50),
-    seg=dict(size=160, train=200, val=50),
+    cls=dict(size=64, train=2400, val=300),
+    det=dict(size=128, train=600, val=100),
+    seg=dict(size=160, train=400, val=50),
 )
-VERSION = 4  # bump when the generator's output changes
+VERSION = 5  # bump when the generator's output changes
 
 
 # ------------------------------------------------------------ primitives
@@ -259,12 +260,25 @@ def finish(canvas, rng):
     return np.clip(canvas, 0, 255).astype(np.uint8)
 
 
+def class_colour(rng, cls):
+    """A colour of the palette of class ``cls``: a hue band of its own
+    (+-12 degrees around ``cls`` x 60 degrees), saturated, of any
+    brightness. Backgrounds and distractors take any colour, these hues
+    included, so a colour alone does not give the class away."""
+    hue = (cls / len(SHAPES) + rng.uniform(-1 / 30, 1 / 30)) % 1.0
+    rgb = colorsys.hsv_to_rgb(hue, rng.uniform(0.55, 1.0),
+                              rng.uniform(0.45, 1.0))
+    return np.array(rgb, np.float32) * 255
+
+
 def draw_object(canvas, rng, cls, cx, cy, r):
-    """Paint shape class ``cls``; return its polygon and raster mask."""
+    """Paint shape class ``cls`` (its outline, its surface pattern in a
+    colour of its palette and a random second colour); return its polygon
+    and raster mask."""
     h, w = canvas.shape[:2]
     poly = shape_polygon(SHAPES[cls], cx, cy, r, rng.uniform(0, 2 * math.pi))
     mask = raster(poly, h, w)
-    c1 = _random_colour(rng)
+    c1 = class_colour(rng, cls)
     c2 = _random_colour(rng, c1, min_dist=150)
     paint(canvas, mask, texture(TEXTURES[cls], h, w, rng), c1, c2)
     return poly, mask
@@ -299,7 +313,7 @@ def make_cls(root, split, n, size, rng, tick=lambda i: None):
             f = size / 128
             clutter(canvas, rng, int(rng.integers(4, 12) * f),
                     int(rng.integers(2, 5)), (8 * f, 24 * f))
-            r = rng.uniform(0.22, 0.4) * size
+            r = rng.uniform(0.26, 0.42) * size
             cx, cy = rng.uniform(r, size - r, 2)
             draw_object(canvas, rng, cls, cx, cy, r)
             clutter(canvas, rng, int(rng.integers(0, 4)), 0, (0, 1))
