@@ -1,6 +1,7 @@
 # Everything a newcomer needs: `make demo` and `make test` set up the
 # environment themselves (tools/env/install.sh; the first run builds mmcv's
-# ops, 6-10 minutes, later runs reuse the cached wheel and take seconds).
+# ops, about 20 minutes on 2 cores, a whole first install about 22; later
+# runs reuse the cached wheel and take seconds).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export VENV
