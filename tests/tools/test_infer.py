@@ -56,6 +56,12 @@ def save_checkpoint(cfg, path):
     meta = dict(dataset.METAINFO)
     custom = cfg.test_dataloader.dataset.get('metainfo')
     if custom:
+        # a subset of the classes with their own colours, as the datasets
+        # report it (mmseg maps the labels and the palette to the subset)
+        names = list(meta['classes'])
+        if 'palette' in meta:
+            meta['palette'] = [meta['palette'][names.index(c)]
+                               for c in custom['classes']]
         meta.update(custom)
     torch.save(dict(state_dict=model.state_dict(),
                     meta=dict(dataset_meta=meta)), str(path))
