@@ -198,8 +198,8 @@ def test_bad_input_check_finite_raises_naming_the_images(mini_state):
 # ------------------------------------------------------------ build time
 BUILD_ERRORS = [
     (dict(arch='huge'),
-     r"arch 'huge'; choose one of \['b', 'base', 's', 'small', 't', 'tiny'\]"
-     ),
+     r"arch 'huge'; choose one of \['b', 'base', 's', 'small', 'stl', "
+     r"'stl_nchw', 't', 'tiny'\]"),
     (dict(arch=MINI, n_win=0), r'n_win must be a positive int.*got 0'),
     (dict(arch=MINI, n_win=-2), r'n_win must be a positive int.*got -2'),
     (dict(arch=MINI, n_win=7.0), r'n_win must be a positive int.*got 7\.0'),
@@ -210,10 +210,10 @@ BUILD_ERRORS = [
      r'topks\[1\]=50 .*n_win\*\*2=49.*use n_win >= 8'),
     (dict(arch=MINI, attn_backend='cuda'),
      r"backend='cuda' is not supported; choose one of \('auto', 'cpu', "
-     r"'triton', 'torch', 'official', 'reference'\)"),
+     r"'triton', 'torch', 'official', 'reference', 'flex'\)"),
     (dict(arch=MINI, pad_mode='zeros'),
      r"pad_mode='zeros' is not supported; choose one of \('legacy', "
-     r"'masked'\)"),
+     r"'masked', 'after_qkv'\)"),
     (dict(arch=MINI, in_channels=0), r'in_channels must be a positive int'),
 ]
 

@@ -60,7 +60,8 @@ def test_bad_input_checkpoint_missing_and_unexpected_keys_are_named(
     state = {'backbone.' + k: v for k, v in mini_state.items()}
     state.pop('backbone.stages.2.1.attn.wo.weight')
     state['backbone.stages.2.1.attn.extra.weight'] = torch.zeros(3)
-    state['backbone.stages.0.0.norm1.weight'] = torch.zeros(7)  # bad shape
+    # bad shape (not norm1: its width names the architecture)
+    state['backbone.stages.0.0.norm2.weight'] = torch.zeros(7)
     path = str(tmp_path / 'partial.pth')
     torch.save({'state_dict': state}, path)
 
@@ -75,12 +76,12 @@ def test_bad_input_checkpoint_missing_and_unexpected_keys_are_named(
     assert report['missing'] == ['stages.2.1.attn.wo.weight']
     assert report['unexpected'] == ['stages.2.1.attn.extra.weight']
     assert report['shape_mismatch'] == [
-        'stages.0.0.norm1.weight: checkpoint (7,) vs model (32,)'
+        'stages.0.0.norm2.weight: checkpoint (7,) vs model (32,)'
     ]
     log = '\n'.join(capture.messages)
     assert "missing keys: ['stages.2.1.attn.wo.weight']" in log
     assert "unexpected keys: ['stages.2.1.attn.extra.weight']" in log
-    assert 'stages.0.0.norm1.weight: checkpoint (7,)' in log
+    assert 'stages.0.0.norm2.weight: checkpoint (7,)' in log
     assert path in log
 
 
