@@ -35,6 +35,18 @@ def _is_positive_int(value) -> bool:
         and value > 0
 
 
+#: BiFormer-STL (the official ablation model): Swin-T's layout, no
+#: position-embedding conv
+_STL = dict(
+    embed_dims=[96, 192, 384, 768],
+    depths=[2, 2, 6, 2],
+    head_dim=32,
+    mlp_ratios=[4, 4, 4, 4],
+    topks=[1, 4, 16, -2],
+    stem='patch',
+    pos_embed=False)
+
+
 class BiFormer(BaseModule):
     """BiFormer backbone.
 
@@ -172,24 +184,10 @@ class BiFormer(BaseModule):
             topks=[1, 4, 16, -2]),
         # the official ablation models (Swin-T layout); their last stage
         # is the 8-head global attention with LePE
-        'stl': dict(
-            embed_dims=[96, 192, 384, 768],
-            depths=[2, 2, 6, 2],
-            head_dim=32,
-            mlp_ratios=[4, 4, 4, 4],
-            topks=[1, 4, 16, -2],
-            stem='patch',
-            pos_embed=False),
-        'stl_nchw': dict(
-            embed_dims=[96, 192, 384, 768],
-            depths=[2, 2, 6, 2],
-            head_dim=32,
-            mlp_ratios=[4, 4, 4, 4],
-            topks=[1, 4, 16, -2],
-            stem='patch',
-            pos_embed=False,
-            global_lepe='v',
-            pad_mode='after_qkv'),
+        'stl': _STL,
+        # the same with 1x1-conv projections (same parameters), LePE of v in
+        # the last stage and its own padding rules
+        'stl_nchw': dict(_STL, global_lepe='v', pad_mode='after_qkv'),
     }
     arch_zoo['t'] = arch_zoo['tiny']
     arch_zoo['s'] = arch_zoo['small']

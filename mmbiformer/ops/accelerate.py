@@ -79,6 +79,7 @@ def _(x, weight, bias):
 
 
 def _setup_context(ctx, inputs, output) -> None:
+    # (x, weight, bias) of linear and depthwise_conv2d alike
     x, weight, bias = inputs
     ctx.save_for_backward(x, weight)
     ctx.has_bias = bias is not None
@@ -201,12 +202,6 @@ def _(x, weight, bias):
     return torch.empty_like(x)
 
 
-def _dw_setup_context(ctx, inputs, output) -> None:
-    x, weight, bias = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.has_bias = bias is not None
-
-
 def _dw_backward(ctx, grad: Tensor):
     x, weight = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad
@@ -221,7 +216,7 @@ def _dw_backward(ctx, grad: Tensor):
 
 
 depthwise_conv2d.register_autograd(_dw_backward,
-                                   setup_context=_dw_setup_context)
+                                   setup_context=_setup_context)
 
 
 def _is_depthwise(conv: nn.Module, min_kernel: int = 5) -> bool:
