@@ -12,10 +12,10 @@ operators whose CPU registration picks the kernel, so ``torch.compile`` and
   ``mmbiformer::linear``, whose CPU registration runs float32 products in
   oneDNN (``torch.ops.mkldnn._linear_pointwise``) instead of torch's
   default CPU GEMM; other devices and dtypes run ``F.linear``. The
-  operator is differentiable (its input gradient is a oneDNN product too),
-  but the module trains through ``F.linear``: in an interleaved A/B of a
-  BiFormer-S training step oneDNN's products saved 1.8 % at AVX-512 and
-  nothing at AVX2, against 15.6 % and 3.1 % of an inference step
+  operator is differentiable, but the module trains through
+  ``F.linear``: in an interleaved A/B of a BiFormer-S training step
+  oneDNN's products saved 1.8 % at AVX-512 and nothing at AVX2, against
+  15.6 % and 3.1 % of an inference step
   (``docs/benchmarks.md``).
 * ``Sequential(Linear, [Identity,] GELU, Linear)`` -> :class:`AcceleratedMlp`:
   where no gradient is needed (inference), the GELU runs as a oneDNN
@@ -32,8 +32,8 @@ operators whose CPU registration picks the kernel, so ``torch.compile`` and
   AVX2). torch's own 3x3 weight gradient was the faster one, so 3x3 convs
   stay plain.
 
-:func:`mmbiformer.models.accelerate` applies these to the BiFormer
-backbones of a model, together with the block-level transform.
+:func:`mmbiformer.models.accelerate.accelerate` applies these to the
+BiFormer backbones of a model.
 """
 from typing import Optional
 
@@ -284,9 +284,11 @@ class AcceleratedMlp(nn.Sequential):
 
 def swap_modules(model: nn.Module) -> int:
     """Swap, in place, every plain ``nn.Linear`` of ``model`` for
-    :class:`AcceleratedLinear` and every plain GELU MLP ``Sequential`` for
-    :class:`AcceleratedMlp` (parameters, buffers and the state dict
-    unchanged). Returns how many modules were swapped."""
+    :class:`AcceleratedLinear`, every plain GELU MLP ``Sequential`` for
+    :class:`AcceleratedMlp` and every stride-1 "same" depthwise conv of a
+    5x5 or larger kernel for :class:`AcceleratedDepthwiseConv`
+    (parameters, buffers and the state dict unchanged). Returns how many
+    modules were swapped."""
     count = 0
     for module in model.modules():
         if type(module) is nn.Sequential and _mlp_layers(module):
