@@ -134,6 +134,19 @@ def _rel(a, e) -> float:
     return (a.double() - e).abs().max().item() / scale
 
 
+def _judge(ref, dtype: str, compute, *args, **kwargs):
+    """``(errs, ok, status)`` of ``compute(*args, **kwargs)``'s tensors
+    against ``ref`` (relative errors within ``TOL[dtype]``); an exception
+    is recorded in the status, not raised."""
+    try:
+        errs = [_rel(a.cpu(), e)
+                for a, e in zip(compute(*args, **kwargs), ref)]
+    except Exception as exc:  # noqa: BLE001 (recorded)
+        return [], False, f'failed: {type(exc).__name__}: {exc}'[:300]
+    ok = all(e <= TOL[dtype] for e in errs)
+    return errs, ok, 'ok' if ok else 'error above tolerance'
+
+
 def _make(shape, seed=0):
     import torch
 
@@ -194,15 +207,9 @@ def stage_check(run: Run) -> None:
                     continue  # each shape and dtype compiles anew
                 # FlexAttention has no backward on the CPU
                 grads = not (cpu_only and backend == 'flex')
-                try:
-                    got = _fwd_bwd(on, g_on, heads, backend, grad.to(dev),
-                                   grads=grads)
-                    errs = [_rel(a.cpu(), e) for a, e in zip(got, ref)]
-                    ok = all(e <= TOL[dtype] for e in errs)
-                    status = 'ok' if ok else 'error above tolerance'
-                except Exception as exc:  # noqa: BLE001 (recorded)
-                    errs, ok = [], False
-                    status = f'failed: {type(exc).__name__}: {exc}'[:300]
+                errs, ok, status = _judge(
+                    ref, dtype, _fwd_bwd, on, g_on, heads, backend,
+                    grad.to(dev), grads=grads)
                 names = ['out', 'dq', 'dk', 'dv'][:len(errs)]
                 run.write(stage='check', check='bra', shape=shape[0],
                           backend=backend, dtype=dtype, ok=ok, oracle=oracle,
@@ -224,19 +231,13 @@ def stage_check(run: Run) -> None:
 
     for dtype in dtypes:
         dt = getattr(torch, dtype)
-        try:
-            torch._dynamo.reset()
-            backend = 'aot_eager' if cpu_only else 'inductor'
-            fn = torch.compile(f, backend=backend, fullgraph=True)
-            g_on = RegionGraph(graph.topk_index.to(dev), nw)
-            got = _fwd_bwd([t.to(dev, dt) for t in maps], g_on, heads,
-                           None, grad.to(dev), fn=fn)
-            errs = [_rel(a.cpu(), e) for a, e in zip(got, ref)]
-            ok = all(e <= TOL[dtype] for e in errs)
-            status = 'ok' if ok else 'error above tolerance'
-        except Exception as exc:  # noqa: BLE001 (recorded)
-            errs, ok = [], False
-            status = f'failed: {type(exc).__name__}: {exc}'[:300]
+        backend = 'aot_eager' if cpu_only else 'inductor'
+        torch._dynamo.reset()
+        fn = torch.compile(f, backend=backend, fullgraph=True)  # lazy
+        g_on = RegionGraph(graph.topk_index.to(dev), nw)
+        errs, ok, status = _judge(ref, dtype, _fwd_bwd,
+                                  [t.to(dev, dt) for t in maps], g_on, heads,
+                                  None, grad.to(dev), fn=fn)
         run.write(stage='check', check='bra compiled', shape=shape[0],
                   backend='triton', compiler=backend, dtype=dtype, ok=ok,
                   status=status, tol=TOL[dtype],
