@@ -5,17 +5,16 @@ repository root; see its README): official checkpoints of a small BiFormer
 in the ImageNet and in the mmdet/mmseg format, their inputs and outputs, and
 the state-dict layout of the official tiny/small/base models.
 """
-import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip('mmengine')
 pytest.importorskip('mmpretrain')
+
+from mini_arch import MINI  # noqa: E402
 
 import mmbiformer  # noqa: E402,F401  (registers BiFormer)
 from mmbiformer.models import BiFormer  # noqa: E402
@@ -29,29 +28,8 @@ from mmbiformer.models.checkpoint import (  # noqa: E402
     load_biformer_checkpoint,
 )
 
-REPO = Path(__file__).resolve().parents[2]
-# MMBIFORMER_FIXTURES points elsewhere where the folder cannot sit beside
-# the checkout (e.g. a GPU machine that receives the repository alone)
-FIXTURES = Path(os.environ.get(
-    'MMBIFORMER_FIXTURES', REPO / '..' / 'shared' / 'fixtures' / 'official'))
-TOL = 1e-5
-
-pytestmark = pytest.mark.skipif(
-    not (FIXTURES / 'manifest.json').is_file(),
-    reason='official reference fixtures not found in ../shared/fixtures/'
-    'official beside the repository root')
-
-from mini_arch import MINI  # noqa: E402
-
-
-def load(name: str) -> dict:
-    return torch.load(FIXTURES / name, map_location='cpu', weights_only=True)
-
-
-@pytest.fixture(scope='module')
-def manifest() -> dict:
-    with open(FIXTURES / 'manifest.json') as f:
-        return json.load(f)
+from .official import FIXTURES, REPO, TOL, load  # noqa: E402,F401
+from .official import needs_fixtures as pytestmark  # noqa: E402,F401
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -7,11 +7,8 @@ at 224x224 and, for STL-nchw, at 250x330 (a size the region grid does not
 divide, where its own padding rules apply), and the keys and parameter
 count of the full-size models.
 """
-import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,30 +28,14 @@ from mmbiformer.models.complexity import (  # noqa: E402
     flop_analysis,
 )
 
-REPO = Path(__file__).resolve().parents[2]
-FIXTURES = Path(os.environ.get(
-    'MMBIFORMER_FIXTURES', REPO / '..' / 'shared' / 'fixtures' / 'official'))
-TOL = 1e-5
+from .official import FIXTURES, REPO, TOL, load  # noqa: E402,F401
+from .official import needs_fixtures as pytestmark  # noqa: E402,F401
+
 ARCHS = ('stl', 'stl_nchw')
 #: the published counts (paper: 28.4 M, 4.6 G); FLOPs as for T/S/B
 #: (fvcore, BatchNorm as in training mode)
 STL_PARAMS = 28_372_552
 STL_FLOPS = 4_592_539_968
-
-pytestmark = pytest.mark.skipif(
-    not (FIXTURES / 'manifest.json').is_file(),
-    reason='official reference fixtures not found in ../shared/fixtures/'
-    'official beside the repository root')
-
-
-def load(name: str) -> dict:
-    return torch.load(FIXTURES / name, map_location='cpu', weights_only=True)
-
-
-@pytest.fixture(scope='module')
-def manifest() -> dict:
-    with open(FIXTURES / 'manifest.json') as f:
-        return json.load(f)
 
 
 def mini_arch(arch: str) -> dict:
