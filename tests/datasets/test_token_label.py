@@ -224,3 +224,19 @@ def test_pipeline_packs_the_targets(tmp_path):
     assert sample.gt_score.shape == (10, )
     assert int(sample.gt_label) == 3
 
+
+
+def test_token_label_configs_keep_the_photometric_policies():
+    """The configs write the RandAugment policies out (as mm configs do);
+    they are the package's list, without the geometric operations."""
+    from mmengine.config import Config
+
+    from mmbiformer.datasets import PHOTOMETRIC_RANDAUG_POLICIES
+    root = osp.join(osp.dirname(__file__), '..', '..', 'configs',
+                    'classification')
+    for name in ('biformer_s_tl_in1k.py', 'biformer_b_tl_in1k.py'):
+        cfg = Config.fromfile(osp.join(root, name))
+        ra = [t for t in cfg.train_dataloader.dataset.pipeline
+              if t['type'] == 'RandAugment']
+        assert len(ra) == 1, name
+        assert ra[0]['policies'] == PHOTOMETRIC_RANDAUG_POLICIES, name
