@@ -19,3 +19,10 @@ def op_linear(layer: nn.Linear, x):
     forward with the bias fused, torch's products in the backward)."""
     from mmbiformer.ops.accelerate import linear
     return linear(x, layer.weight, layer.bias)
+
+
+def plain_block(block: nn.Module, x):
+    """The block as ``BiFormerBlock`` computes it (the residual add and
+    ``norm2`` as separate ops)."""
+    from mmbiformer.models.layers import BiFormerBlock
+    return BiFormerBlock.forward(block, x)

@@ -21,8 +21,12 @@ operators whose CPU registration picks the kernel, so ``torch.compile`` and
   where no gradient is needed (inference), the GELU runs as a oneDNN
   post-op of the first product (``mmbiformer::linear_gelu``), saving one
   pass over the widest activation of the block (5.6 % of a BiFormer-S
-  inference step at AVX-512, 0.5 % at AVX2); in training it computes as
-  the plain ``Sequential`` does.
+  inference step at AVX-512, 0.5 % at AVX2). In training at the AVX-512
+  level (:func:`training_fusions`) the MLP is one operator,
+  ``mmbiformer::gelu_mlp``, that keeps the hidden pre-activation but not
+  the GELU output and recomputes it in its backward in one pass of a C++
+  kernel with the GELU gradient (3.4 % of a training step); elsewhere it
+  computes as the plain ``Sequential`` does.
 * a stride-1 "same" depthwise ``nn.Conv2d`` of a 5x5 or larger kernel (the
   LePE) -> :class:`AcceleratedDepthwiseConv`: in training
   ``mmbiformer::depthwise_conv2d``, whose weight gradient
@@ -32,10 +36,15 @@ operators whose CPU registration picks the kernel, so ``torch.compile`` and
   AVX2). torch's own 3x3 weight gradient was the faster one, so 3x3 convs
   stay plain.
 
+* ``mmbiformer::add_layer_norm``: a residual add and the LayerNorm of its
+  sum in one pass, forward and backward, for
+  :class:`mmbiformer.models.accelerate.AcceleratedBlock` (7.4 % of a
+  training step at AVX-512; used there only, like ``gelu_mlp``).
+
 :func:`mmbiformer.models.accelerate.accelerate` applies these to the
 BiFormer backbones of a model.
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -44,8 +53,8 @@ from torch import Tensor
 
 __all__ = [
     'AcceleratedDepthwiseConv', 'AcceleratedLinear', 'AcceleratedMlp',
-    'depthwise_conv2d', 'depthwise_weight_grad', 'linear', 'linear_gelu',
-    'swap_modules'
+    'add_layer_norm', 'add_norm', 'depthwise_conv2d', 'depthwise_weight_grad',
+    'gelu_mlp', 'linear', 'linear_gelu', 'swap_modules', 'training_fusions'
 ]
 
 
@@ -120,6 +129,205 @@ def _(x, weight, bias):
 @linear_gelu.register_fake
 def _(x, weight, bias):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def training_fusions(x: Tensor) -> bool:
+    """Whether the training fusions (:func:`gelu_mlp`,
+    :func:`add_layer_norm`) run for the activations ``x``: float32 on the
+    CPU at the AVX-512 capability level with the C++ kernels built. There
+    they saved 3.4 % and 7.4 % of a BiFormer-S training step; at AVX2 they
+    cost 7.7 % and 5.5 % (GCC compiles the kernels' 16-lane compares and
+    selects element by element below AVX-512), so there the modules compute
+    as the plain ones do (``docs/benchmarks.md``)."""
+    if x.device.type != 'cpu' or x.dtype != torch.float32:
+        return False
+    from . import cpu_ext
+    return cpu_ext.capability() == 'avx512' and cpu_ext.load() is not None
+
+
+def _float32_kernels(*tensors: Tensor):
+    """The C++ kernels where every tensor is float32 (and they load), else
+    None."""
+    if any(t.dtype != torch.float32 for t in tensors):
+        return None
+    from . import cpu_ext
+    return cpu_ext.load()
+
+
+# ------------------------------------------------ the MLP in training
+
+@torch.library.custom_op('mmbiformer::gelu_mlp', mutates_args=())
+def gelu_mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
+             b2: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """``F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)`` (exact GELU) and
+    the hidden pre-activation ``F.linear(x, w1, b1)``, which its backward
+    reads (the GELU output itself is not kept: the backward recomputes
+    it)."""
+    h = F.linear(x, w1, b1)
+    return F.linear(F.gelu(h), w2, b2), h
+
+
+@gelu_mlp.register_fake
+def _(x, w1, b1, w2, b2):
+    return (x.new_empty(*x.shape[:-1], w2.shape[0]),
+            x.new_empty(*x.shape[:-1], w1.shape[0]))
+
+
+def _gelu_and_grad(h: Tensor, da: Tensor) -> Tuple[Tensor, Tensor]:
+    # gelu(h) and da * gelu'(h); on the CPU in float32 one pass of the C++
+    # kernel, in place in da (a fresh product the caller owns)
+    kernels = _float32_kernels(h, da) if h.device.type == 'cpu' else None
+    if kernels is not None and h.is_contiguous() and da.is_contiguous():
+        return kernels.gelu_grad(h, da), da
+    return F.gelu(h), torch.ops.aten.gelu_backward(da, h)
+
+
+@torch.library.custom_op('mmbiformer::gelu_mlp_backward', mutates_args=())
+def gelu_mlp_backward(grad: Tensor, x: Tensor, h: Tensor, w1: Tensor,
+                      w2: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor,
+                                           Tensor]:
+    """Gradients ``(dx, dw1, db1, dw2, db2)`` of :func:`gelu_mlp` from the
+    output gradient, its input ``x`` and hidden pre-activation ``h``."""
+    rows = grad.reshape(-1, grad.shape[-1])
+    hidden = h.reshape(-1, h.shape[-1])
+    g, dh = _gelu_and_grad(hidden, rows.mm(w2))
+    dw2 = rows.t().mm(g)
+    del g
+    dx = dh.mm(w1).view(*x.shape)
+    dw1 = dh.t().mm(x.reshape(-1, x.shape[-1]))
+    return dx, dw1, dh.sum(0), dw2, rows.sum(0)
+
+
+@gelu_mlp_backward.register_fake
+def _(grad, x, h, w1, w2):
+    return (torch.empty_like(x), torch.empty_like(w1),
+            w1.new_empty(w1.shape[0]), torch.empty_like(w2),
+            w2.new_empty(w2.shape[0]))
+
+
+def _mlp_setup_context(ctx, inputs, output) -> None:
+    x, w1, b1, w2, b2 = inputs
+    ctx.save_for_backward(x, output[1], w1, w2)
+    ctx.has_bias = (b1 is not None, b2 is not None)
+
+
+def _mlp_backward(ctx, grad: Tensor, grad_h: Optional[Tensor]):
+    x, h, w1, w2 = ctx.saved_tensors
+    # the second output (the pre-activation) is for the backward only;
+    # mlp_forward never hands it out, so its gradient is zero
+    dx, dw1, db1, dw2, db2 = gelu_mlp_backward(grad.contiguous(), x, h, w1,
+                                               w2)
+    return (dx, dw1, db1 if ctx.has_bias[0] else None, dw2,
+            db2 if ctx.has_bias[1] else None)
+
+
+gelu_mlp.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)
+
+
+# ----------------------------------- a residual add and the norm of its sum
+
+def _rows_of(t: Tensor) -> int:
+    return t.numel() // t.shape[-1] if t.shape[-1] else 0
+
+
+def _add_norm_c_kernels(x: Tensor, y: Tensor, *params: Tensor):
+    # the C++ kernels where they apply: contiguous float32 CPU maps of
+    # channels a multiple of 16
+    if x.device.type != 'cpu' or x.shape[-1] % 16 or \
+            not (x.is_contiguous() and y.is_contiguous()):
+        return None
+    return _float32_kernels(x, y, *params)
+
+
+@torch.library.custom_op('mmbiformer::add_layer_norm', mutates_args=())
+def add_layer_norm(x: Tensor, y: Tensor, scale: Optional[Tensor],
+                   weight: Tensor, bias: Tensor,
+                   eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``z = x + scale * y`` (``scale``: per-sample factors ``(N,)`` or
+    None for 1) and ``F.layer_norm(z, (C,), weight, bias, eps)`` of
+    channels-last maps ``(N, ..., C)``, with the norm's per-row mean and
+    reciprocal standard deviation ``(rows,)``; on the CPU in float32 one
+    pass of the C++ kernel."""
+    kernels = _add_norm_c_kernels(x, y, weight, bias)
+    if kernels is not None:
+        return tuple(kernels.add_layer_norm(x, y, scale, weight.contiguous(),
+                                            bias.contiguous(), eps))
+    if scale is None:
+        z = x + y
+    else:
+        z = torch.addcmul(x, y, scale.view((-1, ) + (1, ) * (x.dim() - 1)))
+    out, mean, rstd = torch.native_layer_norm(z, (z.shape[-1], ), weight,
+                                              bias, eps)
+    return z.contiguous(), out, mean.reshape(-1), rstd.reshape(-1)
+
+
+@add_layer_norm.register_fake
+def _(x, y, scale, weight, bias, eps):
+    rows = _rows_of(x)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty(rows), x.new_empty(rows))
+
+
+@torch.library.custom_op('mmbiformer::add_layer_norm_backward',
+                         mutates_args=())
+def add_layer_norm_backward(
+        grad_z: Tensor, grad_out: Tensor, z: Tensor, mean: Tensor,
+        rstd: Tensor, weight: Tensor, bias: Tensor,
+        scale: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients ``(dx, dy, dweight, dbias)`` of :func:`add_layer_norm`
+    from those of ``z`` and of the normalised map; without ``scale`` ``dy``
+    equals ``dx`` and comes back empty."""
+    kernels = _add_norm_c_kernels(grad_z, grad_out, z)
+    if kernels is not None:
+        dz, dy, dw, db = kernels.add_layer_norm_backward(
+            grad_z, grad_out, z, mean, rstd, weight.contiguous(), scale,
+            scale is not None)
+        return dz, dy, dw, db
+    shape = z.shape[:-1] + (1, )
+    dz, dw, db = torch.ops.aten.native_layer_norm_backward(
+        grad_out, z, (z.shape[-1], ), mean.view(shape), rstd.view(shape),
+        weight, bias, [True, True, True])
+    dz = dz + grad_z
+    dy = dz.new_empty(0) if scale is None else \
+        dz * scale.view((-1, ) + (1, ) * (z.dim() - 1))
+    return dz, dy, dw, db
+
+
+@add_layer_norm_backward.register_fake
+def _(grad_z, grad_out, z, mean, rstd, weight, bias, scale):
+    return (torch.empty_like(z),
+            z.new_empty(0) if scale is None else torch.empty_like(z),
+            torch.empty_like(weight), torch.empty_like(weight))
+
+
+def _add_norm_setup_context(ctx, inputs, output) -> None:
+    x, y, scale, weight, bias, eps = inputs
+    z, _, mean, rstd = output
+    ctx.save_for_backward(z, mean, rstd, weight, bias, scale)
+
+
+def _add_norm_backward(ctx, grad_z, grad_out, grad_mean, grad_rstd):
+    z, mean, rstd, weight, bias, scale = ctx.saved_tensors
+    dx, dy, dw, db = add_layer_norm_backward(grad_z.contiguous(),
+                                             grad_out.contiguous(), z, mean,
+                                             rstd, weight, bias, scale)
+    return dx, dx if scale is None else dy, None, dw, db, None
+
+
+add_layer_norm.register_autograd(_add_norm_backward,
+                                 setup_context=_add_norm_setup_context)
+
+
+def add_norm(x: Tensor, y: Tensor, norm: nn.LayerNorm,
+             scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """``(z, norm(z))`` with ``z = x + y``, or ``x + scale * y`` for
+    per-sample factors ``scale`` ``(N,)``, over the last dim, through
+    ``mmbiformer::add_layer_norm`` (``norm``: an affine ``nn.LayerNorm``
+    over that dim)."""
+    z, out, _, _ = add_layer_norm(x.contiguous(), y.contiguous(), scale,
+                                  norm.weight, norm.bias, norm.eps)
+    return z, out
 
 
 def _grad_needed(x: Tensor, *params: Optional[Tensor]) -> bool:
@@ -264,10 +472,14 @@ def _mlp_layers(seq: nn.Module):
 
 
 def mlp_forward(mlp: 'AcceleratedMlp', x: Tensor) -> Tensor:
-    """The MLP's output, the GELU fused into the first product where no
-    gradient is needed."""
+    """The MLP's output: with gradients one ``mmbiformer::gelu_mlp`` (the
+    GELU recomputed in the backward) where :func:`training_fusions` says
+    so, else the plain ``Sequential``; without gradients the GELU fused
+    into the first product."""
     fc1, fc2 = _mlp_layers(mlp)
-    if _grad_needed(x, fc1.weight, fc2.weight):
+    if _grad_needed(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias):
+        if training_fusions(x):
+            return gelu_mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)[0]
         return nn.Sequential.forward(mlp, x)
     return fc2(linear_gelu(x, fc1.weight, fc1.bias))
 

@@ -8,7 +8,9 @@ import torch.nn as nn
 from mini_arch import MINI
 
 from mmbiformer.models import BiFormer, BiFormerBlock
-from mmbiformer.models.accelerate import accelerate
+from mmbiformer.models import accelerate as model_acc
+from mmbiformer.models.accelerate import AcceleratedBlock, accelerate
+from mmbiformer.ops import accelerate as op_acc
 from mmbiformer.ops.accelerate import AcceleratedLinear, AcceleratedMlp
 
 
@@ -37,6 +39,7 @@ def test_only_biformer_backbones_and_state_dict_kept():
     assert type(fast.head) is nn.Linear  # the head is not a BiFormer's
     blocks = [m for m in fast.modules() if isinstance(m, BiFormerBlock)]
     assert len(blocks) == 5
+    assert all(type(b) is AcceleratedBlock for b in blocks)
     assert all(type(b.mlp) is AcceleratedMlp for b in blocks)
     assert all(type(b.mlp[0]) is AcceleratedLinear for b in blocks)
     assert fast.state_dict().keys() == plain.state_dict().keys()
@@ -44,20 +47,29 @@ def test_only_biformer_backbones_and_state_dict_kept():
     assert accelerate(fast) == {'backbones': 1, 'modules': 0}
 
 
-@pytest.mark.parametrize('mode', ['eval', 'train'])
-def test_same_outputs_and_gradients(mode):
-    plain = _model().backbone
+@pytest.mark.parametrize('mode', ['eval', 'train', 'train-fused'])
+def test_same_outputs_and_gradients(mode, monkeypatch):
+    # 'train-fused': the AVX-512 training operators forced on whatever this
+    # machine's level, with drop path (the same random draws either way)
+    fused = mode == 'train-fused'
+    for module in (op_acc, model_acc):
+        monkeypatch.setattr(module, 'training_fusions', lambda x: fused)
+    torch.manual_seed(0)
+    plain = BiFormer(arch=dict(MINI), out_indices=(3, ),
+                     drop_path_rate=0.3 if fused else 0.)
     fast = copy.deepcopy(plain)
     accelerate(fast)
-    getattr(plain, mode)()
-    getattr(fast, mode)()
+    getattr(plain, 'eval' if mode == 'eval' else 'train')()
+    getattr(fast, 'eval' if mode == 'eval' else 'train')()
     x = torch.randn(2, 3, 224, 224)
     if mode == 'eval':
         with torch.no_grad():
             torch.testing.assert_close(fast(x), plain(x), atol=1e-4,
                                        rtol=1e-4)
         return
+    torch.manual_seed(1)
     (plain(x)[0] ** 2).mean().backward()
+    torch.manual_seed(1)
     (fast(x)[0] ** 2).mean().backward()
     for (name, a), b in zip(fast.named_parameters(), plain.parameters()):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-3,

@@ -6,14 +6,18 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from mmbiformer.ops import BiLevelRoutingAttention, cpu_ext
+from mmbiformer.ops import accelerate as acc
 from mmbiformer.ops.accelerate import (
     AcceleratedDepthwiseConv,
     AcceleratedLinear,
     AcceleratedMlp,
+    add_layer_norm,
     depthwise_conv2d,
     depthwise_weight_grad,
+    gelu_mlp,
     linear,
     linear_gelu,
     swap_modules,
@@ -68,7 +72,11 @@ def _mlp(identity: bool) -> nn.Sequential:
 
 
 @pytest.mark.parametrize('identity', [True, False])
-def test_mlp_swap_fuses_gelu_in_inference_only(identity):
+@pytest.mark.parametrize('fused_training', [True, False])
+def test_mlp_swap_same_function(identity, fused_training, monkeypatch):
+    # inference: the GELU fused into the first product; training: one
+    # gelu_mlp op where training_fusions() says so, else the Sequential
+    monkeypatch.setattr(acc, 'training_fusions', lambda x: fused_training)
     torch.manual_seed(0)
     plain = _mlp(identity)
     fast = copy.deepcopy(plain)
@@ -81,13 +89,112 @@ def test_mlp_swap_fuses_gelu_in_inference_only(identity):
     with torch.no_grad():
         torch.testing.assert_close(fast(x), plain(x), atol=1e-5, rtol=1e-5)
     assert seen == []  # the first product ran fused, not through fast[0]
-    # training: the plain Sequential path, same gradients
     xg = x.clone().requires_grad_()
     g = torch.randn(2, 5, 16)
     ref = torch.autograd.grad(plain(xg), [xg, *plain.parameters()], g)
     got = torch.autograd.grad(fast(xg), [xg, *fast.parameters()], g)
-    assert seen == [1]
+    assert seen == ([] if fused_training else [1])
     for a, e in zip(got, ref):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+
+
+def test_training_fusions_only_at_avx512(monkeypatch):
+    x = torch.zeros(2, 16)
+    monkeypatch.setattr(cpu_ext, 'load', lambda: object())
+    for level, expected in [('avx512', True), ('avx2', False),
+                            ('default', False)]:
+        monkeypatch.setattr(cpu_ext, 'capability', lambda lv=level: lv)
+        assert acc.training_fusions(x) is expected
+    assert not acc.training_fusions(x.double())
+    monkeypatch.setattr(cpu_ext, 'load', lambda: None)
+    monkeypatch.setattr(cpu_ext, 'capability', lambda: 'avx512')
+    assert not acc.training_fusions(x)
+
+
+def _mlp_args(bias: bool):
+    torch.manual_seed(0)
+    args = [torch.randn(2, 3, 5, 32), torch.randn(96, 32) * 0.3,
+            torch.randn(96) if bias else None, torch.randn(32, 96) * 0.3,
+            torch.randn(32) if bias else None]
+    return [a.requires_grad_() if a is not None else None for a in args]
+
+
+@pytest.mark.parametrize('bias', [True, False])
+def test_gelu_mlp_op(bias):
+    args = _mlp_args(bias)
+    torch.library.opcheck(gelu_mlp, tuple(args))
+    x, w1, b1, w2, b2 = args
+    g = torch.randn(2, 3, 5, 32)
+    params = [t for t in args if t is not None]
+    ref_out = F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+    ref = torch.autograd.grad(ref_out, params, g)
+    out = gelu_mlp(*args)[0]
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    for a, e in zip(torch.autograd.grad(out, params, g), ref):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+
+
+def test_gelu_mlp_backward_cpp_equals_torch(monkeypatch):
+    if not cpu_ext.available():
+        pytest.skip('the CPU kernels are not built here')
+    x, w1, b1, w2, b2 = (t.detach() for t in _mlp_args(True))
+    h = F.linear(x, w1, b1)
+    # pre-activations far into both tails, where erfc's polynomial and
+    # torch's erf part ways first
+    h[0, 0, 0, :8] = torch.tensor([-9., -6., -3., -1e-3, 1e-3, 3., 6., 9.])
+    g = torch.randn(2, 3, 5, 32)
+    got = acc.gelu_mlp_backward(g, x, h, w1, w2)
+    monkeypatch.setattr(cpu_ext, 'load', lambda: None)
+    ref = acc.gelu_mlp_backward(g, x, h, w1, w2)
+    for a, e in zip(got, ref):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+
+
+def _add_norm_args(scale: bool, channels: int = 32):
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, channels, requires_grad=True)
+    y = torch.randn(3, 4, 5, channels, requires_grad=True)
+    s = torch.tensor([0., 2., 2.]) if scale else None
+    w = torch.randn(channels, requires_grad=True)
+    b = torch.randn(channels, requires_grad=True)
+    return x, y, s, w, b, 1e-6
+
+
+@pytest.mark.parametrize('scale', [True, False])
+@pytest.mark.parametrize('channels', [32, 24])  # 24: no C++ kernel
+def test_add_layer_norm_op(scale, channels):
+    args = _add_norm_args(scale, channels)
+    torch.library.opcheck(add_layer_norm, args)
+    x, y, s, w, b, eps = args
+    z_ref = x + y if s is None else x + y * s.view(-1, 1, 1, 1)
+    out_ref = F.layer_norm(z_ref, (channels, ), w, b, eps)
+    z, out, _, _ = add_layer_norm(*args)
+    torch.testing.assert_close(z, z_ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+    gz, gn = torch.randn_like(z), torch.randn_like(z)
+    params = [x, y, w, b]
+    ref = torch.autograd.grad((z_ref * gz).sum() + (out_ref * gn).sum(),
+                              params)
+    got = torch.autograd.grad((z * gz).sum() + (out * gn).sum(), params)
+    for a, e in zip(got, ref):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('scale', [True, False])
+def test_add_layer_norm_cpp_equals_torch(scale, monkeypatch):
+    if not cpu_ext.available():
+        pytest.skip('the CPU kernels are not built here')
+    x, y, s, w, b, eps = (t.detach() if isinstance(t, torch.Tensor) else t
+                          for t in _add_norm_args(scale))
+    got = add_layer_norm(x, y, s, w, b, eps)
+    gz, gn = torch.randn_like(x), torch.randn_like(x)
+    got_bwd = acc.add_layer_norm_backward(gz, gn, got[0], got[2], got[3], w,
+                                          b, s)
+    monkeypatch.setattr(cpu_ext, 'load', lambda: None)
+    ref = add_layer_norm(x, y, s, w, b, eps)
+    ref_bwd = acc.add_layer_norm_backward(gz, gn, ref[0], ref[2], ref[3], w,
+                                          b, s)
+    for a, e in zip(got + got_bwd, ref + ref_bwd):
         torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
 
 

@@ -824,6 +824,156 @@ void dw_grad_row(const View4& x, const View4& g, float* acc, int64_t n,
 
 }  // namespace
 
+// ---------------------------------------------------------------------------
+// The MLP's GELU (exact, erf form) in its backward, recomputed from the
+// pre-activation h: from h and the gradient da of the GELU's output it
+// writes g = gelu(h) (for fc2's weight gradient) and da *= gelu'(h):
+//   Phi(h) = erfc(-h / sqrt(2)) / 2, phi(h) = exp(-h^2 / 2) / sqrt(2 pi),
+//   gelu(h) = h Phi(h), gelu'(h) = Phi(h) + h phi(h).
+// erfc(x), x >= 0, as t exp(-x^2) Q(t) with t = 1 / (1 + x / 2) and Q a
+// degree-11 polynomial least-squares fitted to erfc(x) exp(x^2) / t on
+// [0, 9] (relative error of the fit 5e-10; in float32 the rounding of x^2
+// dominates, about 1e-6 relative where erfc is below 1e-7; beyond 9 erfc
+// is below 1e-36).
+
+namespace {
+
+MMB_INLINE v16 erfc_pos(v16 x, v16* e_minus_x2) {
+  const v16 t = 1.f / (x * 0.5f + 1.f);
+  v16 q = splat(-3.177410496e-02f);
+  q = q * t + 2.363668734e-01f;
+  q = q * t - 7.516168234e-01f;
+  q = q * t + 1.294877175e+00f;
+  q = q * t - 1.251859469e+00f;
+  q = q * t + 6.646085084e-01f;
+  q = q * t - 3.023899999e-01f;
+  q = q * t + 1.692366793e-01f;
+  q = q * t + 1.595389895e-01f;
+  q = q * t + 2.489783066e-01f;
+  q = q * t + 2.819336957e-01f;
+  q = q * t + 2.821001690e-01f;
+  const v16 e = vexp(-(x * x));
+  *e_minus_x2 = e;
+  return t * e * q;
+}
+
+MMB_CLONES
+void gelu_grad_range(const float* h, float* da, float* g, int64_t i0,
+                     int64_t i1) {
+  const float inv_sqrt2 = 0.70710678118654752f;
+  const float inv_sqrt_2pi = 0.39894228040143268f;
+  int64_t i = i0;
+  for (; i + 16 <= i1; i += 16) {
+    const v16 x = load16(h + i);
+    const v16 z = x * inv_sqrt2;
+    const v16 az = z < 0.f ? -z : z;
+    v16 e;  // exp(-z^2) = exp(-h^2 / 2)
+    const v16 half_erfc = erfc_pos(az, &e) * 0.5f;
+    const v16 cdf = z < 0.f ? half_erfc : 1.f - half_erfc;
+    store16(g + i, x * cdf);
+    store16(da + i, load16(da + i) * (cdf + x * (e * inv_sqrt_2pi)));
+  }
+  for (; i < i1; ++i) {
+    const float x = h[i];
+    const float cdf = 0.5f * std::erfc(-x * inv_sqrt2);
+    g[i] = x * cdf;
+    da[i] *= cdf + x * std::exp(-0.5f * x * x) * inv_sqrt_2pi;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// A residual add and the LayerNorm that reads its sum, over the channels of
+// (rows, C) maps, C a multiple of 16:
+//   z = x + s y  (s: the row's sample factor, or 1),
+//   out = (z - mean) * rstd * w + b,  rstd = 1 / sqrt(var + eps).
+// The backward takes the gradients of z (gz, from its other consumers) and
+// of out (gn) and writes dz = gz + the LayerNorm's input gradient in one
+// pass; dy = s dz where asked; dw, db accumulate per thread.
+
+MMB_CLONES
+void add_norm_rows(const float* x, const float* y, const float* s,
+                   int64_t rows_per_sample, const float* w, const float* b,
+                   float eps, float* z, float* out, float* mean, float* rstd,
+                   int64_t C, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float sc = s ? s[r / rows_per_sample] : 1.f;
+    const float *xr = x + r * C, *yr = y + r * C;
+    float* zr = z + r * C;
+    v16 acc{};
+    for (int64_t c = 0; c < C; c += 16) {
+      const v16 zv = load16(xr + c) + load16(yr + c) * sc;
+      store16(zr + c, zv);
+      acc += zv;
+    }
+    const float m = hsum(acc) / static_cast<float>(C);
+    v16 acc2{};
+    for (int64_t c = 0; c < C; c += 16) {
+      const v16 dv = load16(zr + c) - m;
+      acc2 += dv * dv;
+    }
+    const float rs =
+        1.f / std::sqrt(hsum(acc2) / static_cast<float>(C) + eps);
+    float* outr = out + r * C;
+    for (int64_t c = 0; c < C; c += 16)
+      store16(outr + c,
+              (load16(zr + c) - m) * rs * load16(w + c) + load16(b + c));
+    mean[r] = m;
+    rstd[r] = rs;
+  }
+}
+
+MMB_CLONES
+void add_norm_grad_rows(const float* gz, const float* gn, const float* z,
+                        const float* mean, const float* rstd, const float* w,
+                        const float* s, int64_t rows_per_sample, float* dz,
+                        float* dy, float* dw, float* db, int64_t C,
+                        int64_t r0, int64_t r1) {
+  const float inv_c = 1.f / static_cast<float>(C);
+  for (int64_t r = r0; r < r1; ++r) {
+    const float m = mean[r], rs = rstd[r];
+    const float *zr = z + r * C, *gr = gn + r * C;
+    v16 a{}, bsum{};
+    for (int64_t c = 0; c < C; c += 16) {
+      const v16 zh = (load16(zr + c) - m) * rs;
+      const v16 g = load16(gr + c);
+      const v16 gw = g * load16(w + c);
+      a += gw;
+      bsum += gw * zh;
+      store16(dw + c, load16(dw + c) + g * zh);
+      store16(db + c, load16(db + c) + g);
+    }
+    const float A = hsum(a) * inv_c, B = hsum(bsum) * inv_c;
+    const float sc = s ? s[r / rows_per_sample] : 1.f;
+    float* dzr = dz + r * C;
+    for (int64_t c = 0; c < C; c += 16) {
+      const v16 zh = (load16(zr + c) - m) * rs;
+      v16 d = (load16(gr + c) * load16(w + c) - A - zh * B) * rs;
+      if (gz) d += load16(gz + r * C + c);
+      store16(dzr + c, d);
+      if (dy) store16(dy + r * C + c, d * sc);
+    }
+  }
+}
+
+// Sums that the threads of a parallel loop over [0, n) accumulate: body(acc,
+// i0, i1) adds into acc, a zeroed buffer of `shape` floats of its own
+// thread; returns their sum over the threads (a tensor of `shape`).
+template <typename Body>
+torch::Tensor thread_sums(int64_t n, int64_t grain, at::IntArrayRef shape,
+                          const at::TensorOptions& options, Body body) {
+  std::vector<int64_t> full{at::get_num_threads()};
+  full.insert(full.end(), shape.begin(), shape.end());
+  auto partial = torch::zeros(full, options);
+  const int64_t size = partial[0].numel();
+  float* pp = partial.data_ptr<float>();
+  at::parallel_for(0, n, grain, [&](int64_t i0, int64_t i1) {
+    body(pp + at::get_thread_num() * size, i0, i1);
+  });
+  return partial.sum(0);
+}
+
+}  // namespace
+
 // x, g: (N, H, W, C) float32 with unit channel stride -> (C, 1, k, k)
 torch::Tensor dwconv_weight_grad(torch::Tensor x, torch::Tensor g,
                                  int64_t k) {
@@ -836,21 +986,115 @@ torch::Tensor dwconv_weight_grad(torch::Tensor x, torch::Tensor g,
   TORCH_CHECK(k % 2 == 1, "dwconv_weight_grad: odd kernel sizes only");
   const int64_t N = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
   const View4 xv = view4(x), gv = view4(g);
-  // every thread sums into a zeroed buffer of its own; then their sum
-  auto partial = torch::zeros({at::get_num_threads(), k * k, C}, x.options());
-  float* pp = partial.data_ptr<float>();
-  const int64_t size = k * k * C;
-  at::parallel_for(0, N * H, 1, [&](int64_t r0, int64_t r1) {
-    float* acc = pp + at::get_thread_num() * size;
+  auto sums = thread_sums(N * H, 1, {k * k, C}, x.options(),
+                          [&](float* acc, int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       dw_grad_row(xv, gv, acc, r / H, r % H, H, W, C, k);
   });
-  return partial.sum(0).t().reshape({C, 1, k, k}).contiguous();
+  return sums.t().reshape({C, 1, k, k}).contiguous();
+}
+
+// h, da: contiguous float32 of one shape; da becomes da * gelu'(h) in
+// place; returns gelu(h)
+torch::Tensor gelu_grad(torch::Tensor h, torch::Tensor da) {
+  TORCH_CHECK(h.scalar_type() == at::kFloat && da.scalar_type() == at::kFloat
+                  && h.is_contiguous() && da.is_contiguous() &&
+                  h.sizes() == da.sizes(),
+              "gelu_grad: h and da must be contiguous float32 tensors of one "
+              "shape");
+  auto g = torch::empty_like(h);
+  const float* hp = h.data_ptr<float>();
+  float* dp = da.data_ptr<float>();
+  float* gp = g.data_ptr<float>();
+  at::parallel_for(0, h.numel(), 4096, [&](int64_t i0, int64_t i1) {
+    gelu_grad_range(hp, dp, gp, i0, i1);
+  });
+  return g;
+}
+
+// x, y: contiguous float32 (N, ..., C) of one shape, C a multiple of 16;
+// scale: None or (N,) per-sample factors of y; w, b: (C,).
+// -> z = x + scale y, out = layer_norm(z), mean and rstd (rows,)
+std::vector<torch::Tensor> add_layer_norm(torch::Tensor x, torch::Tensor y,
+                                          std::optional<torch::Tensor> scale,
+                                          torch::Tensor w, torch::Tensor b,
+                                          double eps) {
+  const int64_t C = x.size(-1);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat
+                  && x.is_contiguous() && y.is_contiguous() &&
+                  x.sizes() == y.sizes() && x.dim() >= 2 && C > 0 &&
+                  C % 16 == 0,
+              "add_layer_norm: x and y must be contiguous float32 tensors of "
+              "one shape (N, ..., C), C a positive multiple of 16");
+  TORCH_CHECK(w.is_contiguous() && b.is_contiguous() && w.numel() == C &&
+                  b.numel() == C && w.scalar_type() == at::kFloat &&
+                  b.scalar_type() == at::kFloat,
+              "add_layer_norm: weight and bias must be contiguous float32 (C,)");
+  const int64_t rows = x.numel() / C, N = x.size(0);
+  if (scale)
+    TORCH_CHECK(scale->is_contiguous() && scale->numel() == N &&
+                    scale->scalar_type() == at::kFloat,
+                "add_layer_norm: scale must be a contiguous float32 (N,)");
+  auto z = torch::empty_like(x), out = torch::empty_like(x);
+  auto mean = torch::empty({rows}, x.options());
+  auto rstd = torch::empty({rows}, x.options());
+  const int64_t per = N ? rows / N : 1;
+  const float* sp = scale ? scale->data_ptr<float>() : nullptr;
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    add_norm_rows(x.data_ptr<float>(), y.data_ptr<float>(), sp, per,
+                  w.data_ptr<float>(), b.data_ptr<float>(),
+                  static_cast<float>(eps), z.data_ptr<float>(),
+                  out.data_ptr<float>(), mean.data_ptr<float>(),
+                  rstd.data_ptr<float>(), C, r0, r1);
+  });
+  return {z, out, mean, rstd};
+}
+
+// Gradients of add_layer_norm from gz (of z; None: zero) and gn (of out):
+// -> dz (also the gradient of x), dy = scale dz (empty unless need_dy),
+// dw, db
+std::vector<torch::Tensor> add_layer_norm_backward(
+    std::optional<torch::Tensor> gz, torch::Tensor gn, torch::Tensor z,
+    torch::Tensor mean, torch::Tensor rstd, torch::Tensor w,
+    std::optional<torch::Tensor> scale, bool need_dy) {
+  const int64_t C = z.size(-1), rows = z.numel() / C, N = z.size(0);
+  TORCH_CHECK(gn.is_contiguous() && gn.sizes() == z.sizes() &&
+                  gn.scalar_type() == at::kFloat &&
+                  (!gz || (gz->is_contiguous() && gz->sizes() == z.sizes() &&
+                           gz->scalar_type() == at::kFloat)),
+              "add_layer_norm_backward: gz and gn must be contiguous float32 "
+              "tensors shaped like z");
+  TORCH_CHECK(C > 0 && C % 16 == 0 && z.is_contiguous() &&
+                  mean.numel() == rows && rstd.numel() == rows &&
+                  w.numel() == C && (!scale || scale->numel() == N),
+              "add_layer_norm_backward: z, mean, rstd, weight and scale must "
+              "be those of add_layer_norm");
+  auto dz = torch::empty_like(z);
+  auto dy = need_dy ? torch::empty_like(z) : torch::empty({0}, z.options());
+  const int64_t per = N ? rows / N : 1;
+  const float* sp = scale ? scale->data_ptr<float>() : nullptr;
+  const float* gzp = gz ? gz->data_ptr<float>() : nullptr;
+  auto sums = thread_sums(rows, 16, {2, C}, z.options(),
+                          [&](float* acc, int64_t r0, int64_t r1) {
+    add_norm_grad_rows(gzp, gn.data_ptr<float>(), z.data_ptr<float>(),
+                       mean.data_ptr<float>(), rstd.data_ptr<float>(),
+                       w.data_ptr<float>(), sp, per, dz.data_ptr<float>(),
+                       need_dy ? dy.data_ptr<float>() : nullptr, acc,
+                       acc + C, C, r0, r1);
+  });
+  // two tensors of their own: an operator's outputs may not alias
+  return {dz, dy, sums[0].clone(), sums[1].clone()};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dwconv_weight_grad", &dwconv_weight_grad,
         "weight gradient of a stride-1 'same' depthwise conv (NHWC maps)");
+  m.def("gelu_grad", &gelu_grad,
+        "gelu(h), and da *= gelu'(h) in place (exact GELU)");
+  m.def("add_layer_norm", &add_layer_norm,
+        "z = x + scale y and layer_norm(z) in one pass (z, out, mean, rstd)");
+  m.def("add_layer_norm_backward", &add_layer_norm_backward,
+        "gradients of add_layer_norm (dz, dy, dw, db)");
   m.def("bra_forward", &bra_forward,
         "bi-level routing attention, token order (out, lse)", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("idx"), py::arg("H"),
