@@ -72,9 +72,28 @@ MMB_INLINE v16 load16(const float* p) { return *reinterpret_cast<const v16u*>(p)
 MMB_INLINE void store16(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
 MMB_INLINE v16 splat(float x) { return v16{} + x; }
 
+// Lane selects by the sign bit of a float vector, in integer ops. GCC
+// compiles compares and ?: of 16-lane vectors element by element where the
+// target has no 16-lane registers (AVX2, baseline x86-64); shifts and
+// bitwise ops it splits into native vectors.
+MMB_INLINE i16 negative_mask(v16 x) {  // all ones where x's sign bit is set
+  return reinterpret_cast<const i16&>(x) >> 31;
+}
+MMB_INLINE v16 select_mask(i16 m, v16 a, v16 b) {  // m ? a : b, per lane
+  const i16 r = (m & reinterpret_cast<const i16&>(a)) |
+                (~m & reinterpret_cast<const i16&>(b));
+  return reinterpret_cast<const v16&>(r);
+}
+MMB_INLINE v16 vmax(v16 a, v16 b) {  // a < b ? b : a (finite or +-inf)
+  return select_mask(negative_mask(a - b), b, a);
+}
+MMB_INLINE v16 vabs(v16 x) {
+  const i16 r = reinterpret_cast<const i16&>(x) & 0x7fffffff;
+  return reinterpret_cast<const v16&>(r);
+}
+
 MMB_INLINE v16 vexp(v16 x) {
-  const v16 lo = splat(-87.3f);
-  x = x < lo ? lo : x;
+  x = vmax(x, splat(-87.3f));
   const float magic = 12582912.f;  // 1.5 * 2^23: round to nearest integer
   const v16 t = x * 1.44269504088896341f + magic;
   const v16 n = t - magic;
@@ -294,7 +313,7 @@ MMB_INLINE float row_max(const float* s, int64_t nk) {
     v16 acc = load16(s);
     for (j = 16; j + 16 <= nk; j += 16) {
       const v16 x = load16(s + j);
-      acc = acc > x ? acc : x;
+      acc = vmax(acc, x);
     }
     m = hmax(acc);
   }
@@ -866,10 +885,10 @@ void gelu_grad_range(const float* h, float* da, float* g, int64_t i0,
   for (; i + 16 <= i1; i += 16) {
     const v16 x = load16(h + i);
     const v16 z = x * inv_sqrt2;
-    const v16 az = z < 0.f ? -z : z;
     v16 e;  // exp(-z^2) = exp(-h^2 / 2)
-    const v16 half_erfc = erfc_pos(az, &e) * 0.5f;
-    const v16 cdf = z < 0.f ? half_erfc : 1.f - half_erfc;
+    const v16 half_erfc = erfc_pos(vabs(z), &e) * 0.5f;
+    const v16 cdf = select_mask(negative_mask(z), half_erfc,
+                                1.f - half_erfc);
     store16(g + i, x * cdf);
     store16(da + i, load16(da + i) * (cdf + x * (e * inv_sqrt_2pi)));
   }
