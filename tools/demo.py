@@ -188,6 +188,7 @@ def main(argv=None):
 
     t0 = time.time()
     make_demo_data.make(args.root, tasks=args.tasks)
+    phases = [('data', time.time() - t0)]
     results, init = {}, args.init_from
     if init is None and 'cls' not in args.tasks:
         prev = osp.join(args.work_dir, 'cls', 'last_checkpoint')
@@ -197,13 +198,19 @@ def main(argv=None):
         if task not in args.tasks:
             continue
         results[task] = run_task(task, args, init)
+        phases += [(f'{task} train', results[task]['train_s']),
+                   (f'{task} test', results[task]['test_s'])]
         if task == 'cls' and args.init_from is None:
             init = results[task]['ckpt']
     pictures = {}
     if not args.no_draw:
         for task, result in results.items():
+            t1 = time.time()
             pictures[task] = draw_one(task, result, args)
+            phases.append((f'{task} draw', time.time() - t1))
+    t1 = time.time()
     chance = chance_levels(args.root, list(results))
+    phases.append(('chance levels', time.time() - t1))
     print('\n=== BiFormer demo on the built-in data: validation images, '
           f'not seen in training ({time.time() - t0:.0f} s in all) ===')
     for task, result in results.items():
@@ -218,7 +225,15 @@ def main(argv=None):
         print('Predictions drawn on a validation image by tools/infer.py:')
         for task, path in pictures.items():
             print(f'  {NAMES[task]:<15}{path}')
+    print(timing_line(phases, time.time() - t0))
     return 0
+
+
+def timing_line(phases, total):
+    """Wall time of each phase (process start-up included) and in all."""
+    return 'Wall time: ' + ', '.join(
+        f'{name} {secs:.0f} s' for name, secs in phases) + \
+        f'; total {total:.0f} s ({total / 60:.1f} min)'
 
 
 if __name__ == '__main__':

@@ -373,6 +373,10 @@ DEMO_ARCH = dict(
 #:   ``rpn_rois`` proposals kept per image in training and ``rcnn_rois``
 #:   of them sampled for the box and mask heads (not 2000 / 512), 100
 #:   proposals at test time (not 1000): the images hold 1-5 objects;
+#:   at most ``max_dets`` detections per image (not 100); RoIAlign by
+#:   torchvision (mmcv's CPU kernel assumes contiguous NCHW maps, and the
+#:   BiFormer outputs are channels-last: it pooled the wrong values, so
+#:   the box and mask heads could not learn);
 #: * schedule: ``epochs``/``iters`` with ``batch_size``, AdamW at ``lr``
 #:   after a linear warm-up of ``warmup`` iterations (from 1/10 of it),
 #:   then cosine decay to ``lr / 100``; no validation during training
@@ -388,7 +392,8 @@ DEMO_SCHEDULE = dict(
         config='configs/detection/maskrcnn_biformer_s_coco.py',
         arch=DEMO_ARCH, img_size=128, n_win=8, batch_size=4, epochs=3,
         lr=8e-4, warmup=50, workers=1, seed=0, channels=64,
-        fc_channels=256, anchor_scale=4, rpn_rois=300, rcnn_rois=64),
+        fc_channels=256, anchor_scale=4, rpn_rois=300, rcnn_rois=64,
+        max_dets=20),
     seg=dict(
         config='configs/segmentation/semfpn_biformer_s_ade20k.py',
         arch=DEMO_ARCH, img_size=128, n_win=8, batch_size=8, iters=300,
@@ -489,7 +494,10 @@ def demo_overrides(cfg, task: str, root: str = 'data/demo',
         out['test_evaluator'] = dict(type='Accuracy', topk=(1, ))
     elif task == 'det':
         c, fc = spec['channels'], spec['fc_channels']
-        roi = dict(out_channels=c)
+        # torchvision's RoIAlign: mmcv's CPU kernel reads its input as a
+        # contiguous NCHW array, and the BiFormer outputs (and so the FPN
+        # maps) are channels-last, so it would pool the wrong values
+        roi = dict(out_channels=c, roi_layer=dict(use_torchvision=True))
         out['model'].update(
             neck=dict(in_channels=dims, out_channels=c),
             rpn_head=dict(in_channels=c, feat_channels=c,
@@ -505,7 +513,8 @@ def demo_overrides(cfg, task: str, root: str = 'data/demo',
                 rpn_proposal=dict(nms_pre=2 * spec['rpn_rois'],
                                   max_per_img=spec['rpn_rois']),
                 rcnn=dict(sampler=dict(num=spec['rcnn_rois']))),
-            test_cfg=dict(rpn=dict(nms_pre=300, max_per_img=100)))
+            test_cfg=dict(rpn=dict(nms_pre=300, max_per_img=100),
+                          rcnn=dict(max_per_img=spec['max_dets'])))
         out['train_dataloader'] = dict(
             batch_size=bs, **loader, dataset=dict(
                 data_root=data_root, metainfo=meta, pipeline=[
