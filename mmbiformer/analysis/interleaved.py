@@ -69,6 +69,9 @@ class Case:
     img_size: tuple = (224, 224)
     #: a short name for the records (default: the config's file name)
     name: Optional[str] = None
+    #: BiFormer backbones through :func:`mmbiformer.models.accelerate.
+    #: accelerate` (other models stay as built)
+    accelerate: bool = False
 
     @property
     def label(self) -> str:
@@ -122,8 +125,16 @@ def _mark_step(compile_mode: Optional[str]) -> None:
         torch.compiler.cudagraph_mark_step_begin()
 
 
-def _classifier(case: Case, dev, amp, optimizer, held):
+def _built(case: Case):
     scope, model = _build(*parse_target(case.target))
+    if case.accelerate:
+        from ..models.accelerate import accelerate
+        accelerate(model)
+    return scope, model
+
+
+def _classifier(case: Case, dev, amp, optimizer, held):
+    scope, model = _built(case)
     model = model.to(dev)
     size = case.img_size[0] if isinstance(case.img_size, tuple) \
         else case.img_size
@@ -207,7 +218,7 @@ def _detector(case: Case, dev, amp, optimizer, held):
     from mmengine.optim import AmpOptimWrapper, OptimWrapper
     if case.mode != 'train':
         raise ValueError('detection cases measure the training step only')
-    scope, model = _build(*parse_target(case.target))
+    scope, model = _built(case)
     if scope != 'mmdet':
         raise ValueError(f'{case.target}: not an mmdet config')
     model = model.to(dev).train()
@@ -321,6 +332,7 @@ def run_interleaved(cases: List[Case], device: Optional[str] = None,
                    img_s=c.batch / med, ms_per_step=med * 1e3,
                    peak_mb=peak, amp=amp,
                    optimizer=optimizer if c.mode == 'train' else None,
+                   accelerated=c.accelerate,
                    setup_s=p.setup_s, rounds=rounds, repeats=repeats,
                    graphs_compiled=p.graphs,
                    recompiles_while_timed=p.recompiles,

@@ -139,7 +139,7 @@ def training_fusions(x: Tensor) -> bool:
     cost 7.7 % and 5.5 % (GCC compiles the kernels' 16-lane compares and
     selects element by element below AVX-512), so there the modules compute
     as the plain ones do (``docs/benchmarks.md``)."""
-    if x.device.type != 'cpu' or x.dtype != torch.float32:
+    if x.device.type != 'cpu' or x.dtype != torch.float32 or _autocast(x):
         return False
     from . import cpu_ext
     return cpu_ext.capability() == 'avx512' and cpu_ext.load() is not None
@@ -345,10 +345,17 @@ class AcceleratedLinear(nn.Linear):
         return linear_forward(self, x)
 
 
+def _autocast(x: Tensor) -> bool:
+    # mixed precision decides the products' dtypes; the registered
+    # operators take their inputs as they come, so under autocast the
+    # accelerated modules compute as the plain ones
+    return torch.is_autocast_enabled(x.device.type)
+
+
 def linear_forward(layer: nn.Linear, x: Tensor) -> Tensor:
-    """The layer's output: ``F.linear`` where a gradient is needed, else
-    ``mmbiformer::linear``."""
-    if _grad_needed(x, layer.weight, layer.bias):
+    """The layer's output: ``F.linear`` where a gradient is needed or
+    autocast is on, else ``mmbiformer::linear``."""
+    if _grad_needed(x, layer.weight, layer.bias) or _autocast(x):
         return F.linear(x, layer.weight, layer.bias)
     return linear(x, layer.weight, layer.bias)
 
@@ -440,8 +447,8 @@ def _is_depthwise(conv: nn.Module, min_kernel: int = 5) -> bool:
 
 def depthwise_forward(conv: nn.Conv2d, x: Tensor) -> Tensor:
     """The conv's output; through ``mmbiformer::depthwise_conv2d`` where a
-    gradient is needed."""
-    if _grad_needed(x, conv.weight, conv.bias):
+    gradient is needed (and autocast is off)."""
+    if _grad_needed(x, conv.weight, conv.bias) and not _autocast(x):
         return depthwise_conv2d(x, conv.weight, conv.bias)
     return conv._conv_forward(x, conv.weight, conv.bias)
 
@@ -475,8 +482,10 @@ def mlp_forward(mlp: 'AcceleratedMlp', x: Tensor) -> Tensor:
     """The MLP's output: with gradients one ``mmbiformer::gelu_mlp`` (the
     GELU recomputed in the backward) where :func:`training_fusions` says
     so, else the plain ``Sequential``; without gradients the GELU fused
-    into the first product."""
+    into the first product. Under autocast the plain ``Sequential``."""
     fc1, fc2 = _mlp_layers(mlp)
+    if _autocast(x):
+        return nn.Sequential.forward(mlp, x)
     if _grad_needed(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias):
         if training_fusions(x):
             return gelu_mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)[0]

@@ -270,3 +270,32 @@ def test_opcheck_depthwise(layout):
         torch.randn(6, requires_grad=True)))
     torch.library.opcheck(depthwise_weight_grad,
                           (x.detach(), torch.randn_like(x), 5))
+
+
+def test_swapped_modules_follow_cpu_autocast(monkeypatch):
+    # under autocast the products run in bfloat16, as in the plain modules
+    # (the registered operators would see mixed dtypes)
+    monkeypatch.setattr(acc, 'training_fusions', lambda x: True)
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(16, 16, 5, padding=2, groups=16),
+                          nn.Flatten(2), _Transpose(), _mlp(True))
+    fast = copy.deepcopy(plain)
+    assert swap_modules(fast) == 4
+    x = torch.randn(2, 16, 4, 4, requires_grad=True)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), \
+                torch.autocast('cpu', dtype=torch.bfloat16):
+            out, ref = fast(x), plain(x)
+        assert out.dtype == ref.dtype == torch.bfloat16
+        torch.testing.assert_close(out, ref)
+        if grad:
+            got = torch.autograd.grad(out.float().sum(), fast.parameters())
+            exp = torch.autograd.grad(ref.float().sum(), plain.parameters())
+            for a, e in zip(got, exp):
+                torch.testing.assert_close(a, e)
+
+
+class _Transpose(nn.Module):
+
+    def forward(self, x):
+        return x.transpose(1, 2)

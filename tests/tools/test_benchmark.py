@@ -189,3 +189,17 @@ def test_train_phases_cli():
                                                'optimizer'))
         # the median step is at least its largest phase's median
         assert r['step_ms'] >= max(r['forward_ms'], r['backward_ms'])
+
+
+@pytest.mark.parametrize('accelerate', [False, True])
+def test_in_process_case_accelerates_biformer_backbones(accelerate):
+    from mmbiformer.analysis.interleaved import Case, _built, run_interleaved
+    from mmbiformer.models.accelerate import AcceleratedBlock
+    case = Case(TINY, 'train', 2, img_size=(224, 224), accelerate=accelerate)
+    _, model = _built(case)
+    blocks = [m for m in model.modules() if isinstance(m, AcceleratedBlock)]
+    assert bool(blocks) is accelerate
+    if accelerate:
+        rec, = run_interleaved([case], warmup=1, repeats=1, rounds=1,
+                               profile=False)
+        assert rec['accelerated'] is True and rec['ms_per_step'] > 0

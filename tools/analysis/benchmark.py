@@ -66,9 +66,10 @@ def parse_args(argv=None):
                    'compiled during the warm-up iterations')
     p.add_argument('--accelerate', action='store_true',
                    help='BiFormer backbones through the opt-in '
-                   'mmbiformer.models.accelerate (oneDNN products on the '
-                   'CPU where they pay, GELU post-op in inference); other '
-                   'models stay as built')
+                   'mmbiformer.models.accelerate (what tools/train.py and '
+                   'tools/test.py apply on the CPU: the fusions that were '
+                   'measured to pay at this capability level); other '
+                   'models stay as built; with --in-process too')
     p.add_argument('--threads', type=int, default=None,
                    help='torch CPU threads (default: torch decides)')
     p.add_argument('--device', default=None, help='cpu or cuda[:N]')
@@ -166,13 +167,15 @@ def cases_of(args):
                     if mode == 'train':
                         cases.append(Case(config, 'train', args.det_batch,
                                           compile_mode,
-                                          tuple(args.det_size)))
+                                          tuple(args.det_size),
+                                          accelerate=args.accelerate))
                     continue
                 batches = ([args.infer_batch] if mode == 'infer' else
                            args.train_batches or [args.train_batch])
                 for batch in batches:
                     cases.append(Case(config, mode, batch, compile_mode,
-                                      (args.img_size, args.img_size)))
+                                      (args.img_size, args.img_size),
+                                      accelerate=args.accelerate))
     return cases
 
 
