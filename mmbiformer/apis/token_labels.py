@@ -12,6 +12,7 @@ teacher), and the top-k logits and their class indices are saved as
 format of the released ImageNet label files
 (:mod:`mmbiformer.datasets.token_label`).
 """
+import math
 import os
 import os.path as osp
 from typing import Iterable, List, Optional, Sequence
@@ -21,7 +22,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..datasets.token_label import token_label_path
+from ..datasets.token_label import (
+    align_label_map,
+    dense_label_map,
+    load_token_label,
+    token_label_path,
+)
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 #: float16 holds every integer up to 2048 exactly (the class indices)
@@ -152,6 +158,80 @@ def write_token_labels(model: nn.Module,
     if bar is not None:
         print()
     return written
+
+
+def summarize_token_labels(image_root: str,
+                           label_root: str,
+                           num_classes: int,
+                           max_images: Optional[int] = None) -> dict:
+    """Read the label files of the images under ``image_root`` back and
+    measure what a student would learn from them.
+
+    The image label is the index of the image's folder among the sorted
+    class folders (the ImageNet convention; meaningless for a teacher whose
+    classes are ordered otherwise). Each location's target is what
+    :class:`~mmbiformer.datasets.token_label.ResampleTokenLabel` makes of
+    it: the softmax over all ``num_classes`` classes of the scattered top-k
+    logits (0 for the other classes).
+
+    Args:
+        image_root: folder of class folders of images.
+        label_root: the label files' root.
+        num_classes: classes of the teacher.
+        max_images: read at most this many files, evenly spaced over the
+            sorted images (None: all).
+
+    Returns:
+        dict: ``files`` read, ``grid`` (H, W) and ``topk`` of the first
+        file; ``entropy`` (mean over locations, nats) and ``max_entropy``
+        (``ln num_classes``) of the location targets; ``max_prob`` (their
+        mean largest probability); ``image_top1`` (% of images whose
+        whole-map label, the 1x1 RoI-align of the map as the class target
+        of an uncropped image, has the image's class as top-1) and
+        ``token_top1`` (% of locations whose top-1 is the image's class).
+    """
+    images = list_images(image_root)
+    if max_images is not None and len(images) > max_images:
+        step = len(images) / max_images
+        images = [images[int(i * step)] for i in range(max_images)]
+    folders = sorted({osp.basename(osp.dirname(p)) for p in
+                      list_images(image_root)})
+    index = {f: i for i, f in enumerate(folders)}
+    entropy = max_prob = 0.
+    locations = image_hits = token_hits = 0
+    grid = topk = None
+    for path in images:
+        label = load_token_label(token_label_path(path, label_root), path,
+                                 num_classes=num_classes)
+        gt = index[osp.basename(osp.dirname(path))]
+        if grid is None:
+            topk, grid = label.shape[1], tuple(label.shape[2:])
+        prob = dense_label_map(label, num_classes).flatten(1).softmax(0)
+        entropy += float(-(prob * prob.clamp_min(1e-12).log()).sum())
+        max_prob += float(prob.max(0).values.sum())
+        locations += prob.shape[1]
+        token_hits += int((label[1, 0] == gt).sum())
+        whole = align_label_map(label, (0., 0., 1., 1.), 1, num_classes)
+        image_hits += int(int(whole.flatten().argmax()) == gt)
+    n = len(images)
+    return dict(files=n, grid=grid, topk=topk,
+                entropy=entropy / locations,
+                max_entropy=math.log(num_classes),
+                max_prob=max_prob / locations,
+                image_top1=100. * image_hits / n,
+                token_top1=100. * token_hits / locations)
+
+
+def format_label_summary(stats: dict) -> str:
+    """:func:`summarize_token_labels` as one line."""
+    h, w = stats['grid']
+    return (f"label maps: {stats['files']} files, {h}x{w} x top-"
+            f"{stats['topk']}; token targets: entropy "
+            f"{stats['entropy']:.2f} nats (uniform "
+            f"{stats['max_entropy']:.2f}), top probability "
+            f"{stats['max_prob']:.2f}; top-1 = image label: "
+            f"{stats['image_top1']:.1f} % of images (whole map), "
+            f"{stats['token_top1']:.1f} % of locations")
 
 
 def build_teacher(config: str,

@@ -240,3 +240,102 @@ def test_token_label_configs_keep_the_photometric_policies():
               if t['type'] == 'RandAugment']
         assert len(ra) == 1, name
         assert ra[0]['policies'] == PHOTOMETRIC_RANDAUG_POLICIES, name
+
+
+def test_label_map_summary_by_hand(tmp_path):
+    """summarize_token_labels on two hand-made maps (3 classes, top-2, a
+    1x2 grid): entropy of the scattered softmax, agreement of the maps'
+    top-1 with the image's folder."""
+    from mmbiformer.apis.token_labels import (
+                                              format_label_summary,
+                                              summarize_token_labels,
+    )
+    labels = tmp_path / 'labels'
+    for wnid in ('a', 'b'):
+        (tmp_path / 'train' / wnid).mkdir(parents=True)
+        (tmp_path / 'train' / wnid / f'{wnid}_0.JPEG').write_bytes(b'')
+    # image of class 0: location 0 says class 0 (logits 4, 1 for classes
+    # 0, 1), location 1 class 2 (3, 2 for classes 2, 0)
+    write_label(str(labels), 'a', 'a_0', torch.tensor(
+        [[[[4., 3.]], [[1., 2.]]], [[[0., 2.]], [[1., 0.]]]]).half())
+    # image of class 1: both locations class 1 (logits 5, 0 for 1, 0)
+    write_label(str(labels), 'b', 'b_0', torch.tensor(
+        [[[[5., 5.]], [[0., 0.]]], [[[1., 1.]], [[0., 0.]]]]).half())
+    stats = summarize_token_labels(str(tmp_path / 'train'), str(labels),
+                                   num_classes=3)
+    targets = [torch.tensor(t).softmax(0) for t in
+               ([4., 1., 0.], [2., 0., 3.], [0., 5., 0.], [0., 5., 0.])]
+    entropy = sum(float(-(p * p.log()).sum()) for p in targets) / 4
+    assert stats['files'] == 2 and stats['grid'] == (1, 2)
+    assert stats['topk'] == 2
+    assert stats['entropy'] == pytest.approx(entropy, rel=1e-4)
+    assert stats['max_entropy'] == pytest.approx(np.log(3))
+    assert stats['max_prob'] == pytest.approx(
+        sum(float(p.max()) for p in targets) / 4, rel=1e-4)
+    assert stats['token_top1'] == pytest.approx(75.)
+    # whole-map logits of image a: (3, 0.5, 1.5): class 0, right
+    assert stats['image_top1'] == pytest.approx(100.)
+    line = format_label_summary(stats)
+    assert line.startswith('label maps: 2 files, 1x2') and '75.0 %' in line
+
+
+def _demo_tool():
+    import importlib.util
+    path = osp.join(osp.dirname(osp.dirname(osp.dirname(
+        osp.abspath(__file__)))), 'tools', 'token_label_demo.py')
+    spec = importlib.util.spec_from_file_location('token_label_demo', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_configs_use_the_data_classes(tmp_path):
+    """make token-label-demo: the teacher, the label maps and both
+    students predict the built-in data's classes (not ImageNet's 1000,
+    which would make every token target nearly uniform), the students
+    share one schedule, and the real configs keep 1000 classes."""
+    from mmengine.config import Config
+    demo = _demo_tool()
+    data = tmp_path / 'imagenet'
+    names = ['00_disc', '01_square', '02_triangle']
+    (data / 'meta').mkdir(parents=True)
+    lines = []
+    for i, name in enumerate(names):
+        (data / 'train' / name).mkdir(parents=True)
+        lines += [f'{name}/train_{i}_{j}.JPEG {i}' for j in range(10)]
+    (data / 'meta' / 'train.txt').write_text('\n'.join(lines) + '\n')
+    paths = demo.write_configs(str(tmp_path / 'work'), str(data))
+    cfgs = {k: Config.fromfile(v) for k, v in paths.items()}
+    student = demo.SCHEDULE['student']
+    for name, cfg in cfgs.items():
+        assert cfg.model.head.num_classes == 3, name
+        assert cfg.data_preprocessor.num_classes == 3, name
+        assert cfg.train_dataloader.dataset.metainfo.classes == (
+            'disc', 'square', 'triangle')
+        # 30 images of batch 32: one iteration an epoch
+        assert cfg.param_scheduler[1].end == cfg.train_cfg.max_epochs
+    tl = cfgs['student_tl'].train_dataloader.dataset.pipeline
+    by_type = {t.type: t for t in tl}
+    assert by_type['LoadTokenLabel'].num_classes == 3
+    assert by_type['LoadTokenLabel'].label_root == str(
+        tmp_path / 'work' / 'labels')
+    assert by_type['ResampleTokenLabel'].num_classes == 3
+    assert by_type['ResampleTokenLabel'].output_size == \
+        student['img_size'] // 32
+    assert 'RandAugment' not in by_type
+    plain, tl_cfg = cfgs['student_plain'], cfgs['student_tl']
+    assert plain.train_cfg == tl_cfg.train_cfg
+    assert plain.param_scheduler == tl_cfg.param_scheduler
+    assert plain.optim_wrapper.optimizer == tl_cfg.optim_wrapper.optimizer
+    assert plain.model.backbone == tl_cfg.model.backbone
+    crop = [t for t in plain.train_dataloader.dataset.pipeline
+            if t.type == 'RandomResizedCrop'][0]
+    assert crop.scale == by_type['TokenLabelRandomResizedCrop'].scale
+    assert crop.crop_ratio_range == \
+        by_type['TokenLabelRandomResizedCrop'].crop_ratio_range
+    # the real ImageNet configs are untouched
+    real = Config.fromfile(osp.join(osp.dirname(demo.__file__), '..',
+                                    'configs', 'classification',
+                                    'biformer_s_tl_in1k.py'))
+    assert real.model.head.num_classes == 1000
+    assert real.train_dataloader.dataset.pipeline[1].num_classes == 1000
