@@ -578,7 +578,11 @@ class BiFormer(BaseModule):
                 else:
                     x = block(x)
             if i in self.out_indices:
-                outs.append(getattr(self, f'norm{i}')(x))
+                # returned in the default (NCHW-contiguous) layout, as the
+                # toolboxes' backbones return theirs: mmcv's RoIAlign reads
+                # its input's memory as NCHW whatever the strides, and on
+                # channels-last FPN maps pooled wrong values
+                outs.append(getattr(self, f'norm{i}')(x).contiguous())
         return tuple(outs)
 
     # ------------------------------------------------------------- training

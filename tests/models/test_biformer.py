@@ -200,3 +200,22 @@ def test_frozen_stages_and_norm_eval():
     assert model.stages[3][0].norm1.training
 
 
+
+
+def test_dense_outputs_are_nchw_contiguous_for_mmcv_roi_align():
+    # mmcv's RoIAlign reads its input's memory as NCHW whatever the strides:
+    # channels-last maps (BiFormer's own layout, kept by the FPN's convs)
+    # pooled the wrong values
+    from mmcv.ops import RoIAlign
+    from mmdet.models.necks import FPN
+    torch.manual_seed(0)
+    model = BiFormer(arch=MINI, out_indices=(0, 1, 2, 3), n_win=4).eval()
+    neck = FPN([32, 64, 128, 256], 16, 4).eval()
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, 128, 128))
+        assert all(o.is_contiguous() for o in outs)
+        feat = neck(outs)[0]
+        rois = torch.tensor([[0., 4., 4., 40., 48.]])
+        pool = RoIAlign((4, 4), 0.25, 2)
+        torch.testing.assert_close(pool(feat, rois),
+                                   pool(feat.contiguous(), rois))
