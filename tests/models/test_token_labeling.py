@@ -37,6 +37,17 @@ def test_box_is_whole_tokens_and_lam_is_one_minus_area():
     assert min(lams) < 0.5 < max(lams)
 
 
+def test_box_rule_on_small_grids():
+    """The original box rule (sides int(grid * sqrt(1 - lam)), then +-
+    side // 2 around the centre) never draws a box on a 2x2 grid (the
+    token-label demo's 64 px students: MixToken is inert there) and does
+    on 3x3."""
+    torch.manual_seed(0)
+    mix = MixToken(alpha=1., token_stride=8)
+    assert all(mix.sample_box(2, 2).area == 0 for _ in range(200))
+    assert any(mix.sample_box(3, 3).area > 0 for _ in range(200))
+
+
 def test_mixing_after_the_stem_covers_whole_final_tokens():
     x = torch.randn(4, 3, 56, 56)
     box = TokenBox(x1=2, y1=1, x2=5, y2=3, grid_h=7, grid_w=7)
