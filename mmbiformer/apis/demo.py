@@ -396,8 +396,8 @@ DEMO_SCHEDULE = dict(
         max_dets=20),
     seg=dict(
         config='configs/segmentation/semfpn_biformer_s_ade20k.py',
-        arch=DEMO_ARCH, img_size=128, n_win=8, batch_size=8, iters=300,
-        lr=1e-3, warmup=30, workers=1, seed=0, channels=64),
+        arch=DEMO_ARCH, img_size=128, n_win=8, batch_size=8, iters=450,
+        lr=2e-3, warmup=30, workers=1, seed=0, channels=64),
 )
 
 def _cosine_schedule(warmup: int, total: int, lr: float) -> list:
