@@ -101,3 +101,20 @@ def test_chance_levels_are_far_below_the_targets(demo_root):
     assert chance['cls']['top1'] == pytest.approx(100 / 6)
     assert 0 <= chance['det']['bbox_mAP'] < 0.05
     assert 0 < chance['seg']['mIoU'] < 25
+
+
+def test_seg_weighs_the_object_classes(demo_root):
+    """Semantic FPN's loss weighs each object class ``object_weight``
+    times a stuff class, and no training crop needs padding (mmseg's
+    class-weighted cross-entropy cannot take the ignored label)."""
+    spec = DEMO_SCHEDULE['seg']
+    cfg = demo_config('seg', demo_root, repo=REPO)
+    classes = cfg.train_dataloader.dataset.metainfo['classes']
+    weights = cfg.model.decode_head.loss_decode.class_weight
+    assert len(weights) == len(classes) == cfg.model.decode_head.num_classes
+    assert set(spec['stuff']) < set(classes)
+    for name, w in zip(classes, weights):
+        assert w == (1.0 if name in spec['stuff'] else spec['object_weight'])
+    resize = [t for t in cfg.train_dataloader.dataset.pipeline
+              if t['type'] == 'RandomResize'][0]
+    assert min(resize['ratio_range']) >= 1.0
