@@ -381,10 +381,7 @@ DEMO_ARCH = dict(
 #:   ``rpn_rois`` proposals kept per image in training and ``rcnn_rois``
 #:   of them sampled for the box and mask heads (not 2000 / 512), 100
 #:   proposals at test time (not 1000): the images hold 1-5 objects;
-#:   at most ``max_dets`` detections per image (not 100); RoIAlign by
-#:   torchvision (mmcv's CPU kernel assumes contiguous NCHW maps, and the
-#:   BiFormer outputs are channels-last: it pooled the wrong values, so
-#:   the box and mask heads could not learn);
+#:   at most ``max_dets`` detections per image (not 100);
 #: * schedule: ``epochs``/``iters`` with ``batch_size``, AdamW at ``lr``
 #:   after a linear warm-up of ``warmup`` iterations (from 1/10 of it),
 #:   then cosine decay to ``lr / 100``; no validation during training
@@ -394,7 +391,7 @@ DEMO_ARCH = dict(
 DEMO_SCHEDULE = dict(
     cls=dict(
         config='configs/classification/biformer_t_in1k.py',
-        arch=DEMO_ARCH, img_size=64, n_win=4, batch_size=32, epochs=8,
+        arch=DEMO_ARCH, img_size=64, n_win=4, batch_size=32, epochs=16,
         lr=2e-3, warmup=30, workers=1, seed=0),
     det=dict(
         config='configs/detection/maskrcnn_biformer_s_coco.py',
@@ -504,10 +501,7 @@ def demo_overrides(cfg, task: str, root: str = 'data/demo',
         out['test_evaluator'] = dict(type='Accuracy', topk=(1, ))
     elif task == 'det':
         c, fc = spec['channels'], spec['fc_channels']
-        # torchvision's RoIAlign: mmcv's CPU kernel reads its input as a
-        # contiguous NCHW array, and the BiFormer outputs (and so the FPN
-        # maps) are channels-last, so it would pool the wrong values
-        roi = dict(out_channels=c, roi_layer=dict(use_torchvision=True))
+        roi = dict(out_channels=c)
         out['model'].update(
             neck=dict(in_channels=dims, out_channels=c),
             rpn_head=dict(in_channels=c, feat_channels=c,
