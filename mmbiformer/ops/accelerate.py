@@ -226,6 +226,11 @@ gelu_mlp.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)
 
 # ----------------------------------- a residual add and the norm of its sum
 
+def _per_sample(scale: Tensor, dim: int) -> Tensor:
+    # per-sample factors (N,) as (N, 1, ..., 1) for maps of ``dim`` dims
+    return scale.view((-1, ) + (1, ) * (dim - 1))
+
+
 def _rows_of(t: Tensor) -> int:
     return t.numel() // t.shape[-1] if t.shape[-1] else 0
 
@@ -255,7 +260,7 @@ def add_layer_norm(x: Tensor, y: Tensor, scale: Optional[Tensor],
     if scale is None:
         z = x + y
     else:
-        z = torch.addcmul(x, y, scale.view((-1, ) + (1, ) * (x.dim() - 1)))
+        z = torch.addcmul(x, y, _per_sample(scale, x.dim()))
     out, mean, rstd = torch.native_layer_norm(z, (z.shape[-1], ), weight,
                                               bias, eps)
     return z.contiguous(), out, mean.reshape(-1), rstd.reshape(-1)
@@ -290,7 +295,7 @@ def add_layer_norm_backward(
         weight, bias, [True, True, True])
     dz = dz + grad_z
     dy = dz.new_empty(0) if scale is None else \
-        dz * scale.view((-1, ) + (1, ) * (z.dim() - 1))
+        dz * _per_sample(scale, z.dim())
     return dz, dy, dw, db
 
 
@@ -387,9 +392,7 @@ def _torch_weight_grad(x: Tensor, grad: Tensor, k: int) -> Tensor:
 
 @depthwise_weight_grad.register_kernel('cpu')
 def _(x, grad, kernel_size):
-    from . import cpu_ext
-    kernels = cpu_ext.load() if x.dtype == grad.dtype == torch.float32 \
-        else None
+    kernels = _float32_kernels(x, grad)
     if kernels is None:
         return _torch_weight_grad(x, grad, kernel_size)
     return kernels.dwconv_weight_grad(_nhwc(x), _nhwc(grad), kernel_size)
