@@ -38,8 +38,7 @@ def _sample_factors(drop_path: nn.Module,
     if not (isinstance(drop_path, DropPath) and drop_path.training
             and drop_path.drop_prob > 0):
         return None
-    keep = 1. - drop_path.drop_prob
-    return x.new_empty(x.shape[0]).bernoulli_(keep).div_(keep)
+    return drop_path.sample_factors(x).view(-1)
 
 
 class AcceleratedBlock(BiFormerBlock):

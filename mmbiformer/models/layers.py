@@ -46,12 +46,17 @@ class DropPath(nn.Module):
         super().__init__()
         self.drop_prob = float(drop_prob)
 
+    def sample_factors(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample factors ``(N, 1, ..., 1)`` for ``x``: 0 (dropped)
+        or ``1 / (1 - drop_prob)`` (kept)."""
+        keep = 1. - self.drop_prob
+        shape = (x.shape[0], ) + (1, ) * (x.ndim - 1)
+        return x.new_empty(shape).bernoulli_(keep).div_(keep)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.drop_prob == 0. or not self.training:
             return x
-        keep = 1. - self.drop_prob
-        shape = (x.shape[0], ) + (1, ) * (x.ndim - 1)
-        return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+        return x * self.sample_factors(x)
 
     def extra_repr(self) -> str:
         return f'drop_prob={self.drop_prob}'
