@@ -74,3 +74,59 @@ def test_same_outputs_and_gradients(mode, monkeypatch):
     for (name, a), b in zip(fast.named_parameters(), plain.parameters()):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-3,
                                    msg=name)
+
+
+@pytest.mark.parametrize('fused', [False, True])
+def test_partly_dropped_branches_run_for_kept_samples(fused, monkeypatch):
+    # a branch whose drop path drops some samples runs for the others
+    # only; outputs and gradients are the whole-batch block's
+    for module in (op_acc, model_acc):
+        monkeypatch.setattr(module, 'training_fusions', lambda x: fused)
+    calls = []
+    add_kept = model_acc._add_kept
+
+    def counting(x, kept, *args):
+        calls.append(kept.numel())
+        return add_kept(x, kept, *args)
+
+    monkeypatch.setattr(model_acc, '_add_kept', counting)
+    torch.manual_seed(0)
+    plain = BiFormer(arch=dict(MINI), out_indices=(3, ),
+                     drop_path_rate=0.6).train()
+    fast = copy.deepcopy(plain)
+    accelerate(fast)
+    x = torch.randn(4, 3, 112, 112)
+    torch.manual_seed(3)
+    (plain(x)[0] ** 2).mean().backward()
+    torch.manual_seed(3)
+    (fast(x)[0] ** 2).mean().backward()
+    assert any(0 < n < 4 for n in calls), calls
+    for (name, a), b in zip(fast.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-3,
+                                   msg=name)
+
+
+def test_fully_dropped_branch_still_gives_gradients(monkeypatch):
+    # every sample dropped: the branch runs on an empty batch, so that its
+    # parameters get zero gradients (DDP expects one for every parameter)
+    monkeypatch.setattr(model_acc.DropPath, 'sample_factors',
+                        lambda self, x: x.new_zeros((x.shape[0], ) +
+                                                    (1, ) * (x.dim() - 1)))
+    torch.manual_seed(0)
+    block = BiFormer(arch=dict(MINI), out_indices=(3, ),
+                     drop_path_rate=0.5).train()
+    accelerate(block)
+    x = torch.randn(2, 3, 112, 112, requires_grad=True)
+    block(x)[0].sum().backward()
+    last = [m for m in block.modules() if isinstance(m, AcceleratedBlock)][-1]
+    for name, p in last.named_parameters():
+        if name.startswith(('attn', 'mlp')):
+            assert p.grad is not None and not p.grad.any(), name
+
+
+def test_kept_samples_only_in_eager_cpu_code():
+    factors = torch.tensor([2., 0., 2.])
+    assert model_acc.kept_samples(factors).tolist() == [0, 2]
+    assert model_acc.kept_samples(torch.full((3, ), 2.)) is None
+    assert model_acc.kept_samples(None) is None
+    assert model_acc.kept_samples(factors.to('meta')) is None
