@@ -1,0 +1,150 @@
+"""Before and after a change, in one process: the BiFormer backbone of an
+older checkout of this project against the current one, with Swin-T as
+the peer.
+
+The older checkout's ``mmbiformer`` package is copied under another name
+(``mmbiformer_before``; its C++ kernels build under another name too), so
+that both versions import side by side without registering into the
+toolboxes twice. Their training steps (backbone forward, a mean-square
+loss on the last output, backward, AdamW) or inference forwards then
+alternate, so that a drifting machine hits all alike. The current model
+runs after ``mmbiformer.models.accelerate()`` (what the tools do), the
+older one as it was built. Prints, per mode, the median step of each and
+Swin-T's step over each BiFormer's (above 1: faster than Swin-T).
+
+Example (the before/after table of ``docs/benchmarks.md``)::
+
+    git worktree add ../before 9feb38e
+    python benchmarks/before_after.py ../before --threads 2
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 \\
+        MKL_ENABLE_INSTRUCTIONS=AVX2 \\
+        python benchmarks/before_after.py ../before --threads 2 \\
+        --before-pure-torch
+
+``--before-pure-torch`` turns the older checkout's C++ kernels off (as
+``MMBIFORMER_CPU_EXT=0`` did for it alone) and leaves the current one's
+alone.
+"""
+import argparse
+import importlib
+import os
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+ALIAS = 'mmbiformer_before'
+
+
+def copy_package(checkout: str, dest: str) -> None:
+    """``checkout/mmbiformer`` -> ``dest/ALIAS``, imports renamed, the
+    registering ``__init__`` emptied, the C++ extension renamed."""
+    src = os.path.join(checkout, 'mmbiformer')
+    if not os.path.isdir(src):
+        raise SystemExit(f'{checkout!r} holds no mmbiformer package')
+    target = os.path.join(dest, ALIAS)
+    shutil.copytree(src, target, ignore=shutil.ignore_patterns('__pycache__'))
+    for root, _, files in os.walk(target):
+        for name in files:
+            if not name.endswith('.py'):
+                continue
+            path = os.path.join(root, name)
+            with open(path) as f:
+                text = f.read()
+            text = re.sub(r'\bmmbiformer(?=[.: ])', ALIAS, text)
+            text = text.replace("name='mmbiformer_cpu_kernels'",
+                                f"name='{ALIAS}_cpu_kernels'")
+            with open(path, 'w') as f:
+                f.write(text)
+    with open(os.path.join(target, '__init__.py'), 'w') as f:
+        f.write('')  # no registration into the toolboxes
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('before', help='a checkout of the older version')
+    p.add_argument('--arch', default='small')
+    p.add_argument('--drop-path-rate', type=float, default=0.15)
+    p.add_argument('--modes', nargs='+', default=['train', 'infer'],
+                   choices=['train', 'infer'])
+    p.add_argument('--train-batch', type=int, default=8)
+    p.add_argument('--infer-batch', type=int, default=16)
+    p.add_argument('--rounds', type=int, default=8)
+    p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--threads', type=int, default=None)
+    p.add_argument('--before-pure-torch', action='store_true',
+                   help="the older version without its C++ kernels")
+    args = p.parse_args(argv)
+
+    tmp = tempfile.mkdtemp(prefix='before_after_')
+    copy_package(args.before, tmp)
+    sys.path.insert(0, tmp)
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.before_pure_torch:
+        old_ext = importlib.import_module(f'{ALIAS}.ops.cpu_ext')
+        old_ext._enabled = lambda: False
+    before = importlib.import_module(f'{ALIAS}.models.biformer')
+
+    from mmpretrain.registry import MODELS
+    from mmpretrain.utils import register_all_modules
+
+    import mmbiformer  # noqa: F401  (registers into the toolboxes)
+    from mmbiformer.models import BiFormer
+    from mmbiformer.models.accelerate import accelerate
+    register_all_modules(False)
+
+    torch.manual_seed(0)
+    kw = dict(arch=args.arch, drop_path_rate=args.drop_path_rate)
+    models = {'before': before.BiFormer(**kw), 'after': BiFormer(**kw)}
+    models['after'].load_state_dict(models['before'].state_dict())
+    accelerate(models['after'])
+    models['swin-t'] = MODELS.build(
+        dict(type='SwinTransformer', arch='tiny', img_size=224,
+             drop_path_rate=0.2))
+    optims = {k: torch.optim.AdamW(m.parameters()) for k, m in models.items()}
+    x_train = torch.randn(args.train_batch, 3, 224, 224)
+    x_infer = torch.randn(args.infer_batch, 3, 224, 224)
+
+    def train(name):
+        model = models[name]
+        model.train()
+        model(x_train)[-1].square().mean().backward()
+        optims[name].step()
+        optims[name].zero_grad()
+
+    def infer(name):
+        model = models[name]
+        model.eval()
+        with torch.no_grad():
+            model(x_infer)
+
+    print(f'torch {torch.__version__}, capability '
+          f'{torch.backends.cpu.get_cpu_capability()}, '
+          f'{torch.get_num_threads()} threads, before: {args.before}'
+          + (' without its C++ kernels' if args.before_pure_torch else ''))
+    for mode in args.modes:
+        step = train if mode == 'train' else infer
+        for name in models:
+            for _ in range(args.warmup):
+                step(name)
+        times = {name: [] for name in models}
+        for _ in range(args.rounds):
+            for name in models:
+                start = time.perf_counter()
+                step(name)
+                times[name].append(time.perf_counter() - start)
+        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        swin = med['swin-t']
+        print(f'{mode}: ' + ', '.join(f'{k} {v:.0f} ms' for k, v in
+                                      med.items())
+              + f' | Swin-T / before {swin / med["before"]:.3f}, '
+              f'Swin-T / after {swin / med["after"]:.3f}', flush=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == '__main__':
+    main()
