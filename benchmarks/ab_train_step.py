@@ -58,6 +58,10 @@ def main(argv=None) -> None:
     p.add_argument('--mode', choices=('train', 'infer'), default='train',
                    help='a training step, or an inference forward (eval '
                    'mode, no gradients)')
+    p.add_argument('--same-draws', action='store_true',
+                   help="seed both steps of a pair alike, so that random "
+                   "layers (stochastic depth) draw the same in both: the "
+                   "pair's difference then holds no luck of the draw")
     p.add_argument('--accelerate', action='store_true',
                    help='both variants run on the model after '
                    'mmbiformer.models.accelerate()')
@@ -96,9 +100,11 @@ def main(argv=None) -> None:
         step()
     times = {'as is': [], 'patched': []}
     try:
-        for _ in range(args.pairs):
+        for pair in range(args.pairs):
             for name, obj in (('as is', original), ('patched', patched)):
                 setattr(t_mod, t_attr, obj)
+                if args.same_draws:
+                    torch.manual_seed(pair)
                 start = time.perf_counter()
                 step()
                 times[name].append(time.perf_counter() - start)
@@ -107,7 +113,8 @@ def main(argv=None) -> None:
     diffs = [a - b for a, b in zip(times['as is'], times['patched'])]
     print(json.dumps({
         'config': args.config, 'mode': args.mode,
-        'accelerate': args.accelerate, 'target': args.target,
+        'accelerate': args.accelerate, 'same_draws': args.same_draws,
+        'target': args.target,
         'replacement': args.replacement or f'returning {args.returning}',
         'pairs': args.pairs,
         'median_ms_as_is': round(statistics.median(times['as is']) * 1e3),
