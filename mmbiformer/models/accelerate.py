@@ -6,19 +6,17 @@ The backbone is built from plain torch modules (``nn.Linear``,
 them. This transform trades some of that for speed, in place, and only
 inside :class:`~.biformer.BiFormer` backbones (a neck, a head or another
 backbone in the same model is left alone): the linear layers, the GELU
-MLPs, the 5x5 depthwise convs (LePE), the routing attention layers and
-the blocks become
+MLPs, the 5x5 depthwise convs (LePE) and the blocks become
 :class:`~mmbiformer.ops.accelerate.AcceleratedLinear`,
 :class:`~mmbiformer.ops.accelerate.AcceleratedMlp`,
-:class:`~mmbiformer.ops.accelerate.AcceleratedDepthwiseConv`,
-:class:`~mmbiformer.ops.bra_lepe.AcceleratedRoutingAttention` and
+:class:`~mmbiformer.ops.accelerate.AcceleratedDepthwiseConv` and
 :class:`AcceleratedBlock`: registered operators whose CPU registration runs
 oneDNN products and the GELU post-op in inference, a one-pass C++ weight
-gradient of the convs in training, and at the AVX-512 level the MLP, the
-residual add with ``norm2``, and the attention with its LePE as one
-operator each; in CPU training the blocks run a partly dropped branch
-(drop path) for its kept samples only. Each was measured to pay (other
-devices compute as before).
+gradient of the convs in training, and at the AVX-512 level the MLP and the
+residual add with ``norm2`` as one operator each in training; in CPU
+training the blocks run a partly dropped branch (drop path) for its kept
+samples only. Each was measured to pay (other devices compute as
+before).
 
 Module classes change; parameters, buffers and parameter names do not, so
 checkpoints saved from an accelerated model load into a plain one and back.
@@ -35,8 +33,6 @@ from ..ops.accelerate import (
     swap_modules,
     training_fusions,
 )
-from ..ops.bra_lepe import AcceleratedRoutingAttention
-from ..ops.module import BiLevelRoutingAttention
 from .biformer import BiFormer
 from .layers import BiFormerBlock, DropPath
 
@@ -159,8 +155,5 @@ def accelerate(model: nn.Module) -> Dict[str, int]:
             for block in backbone.modules():
                 if type(block) is BiFormerBlock:
                     block.__class__ = AcceleratedBlock
-                    counts['modules'] += 1
-                elif type(block) is BiLevelRoutingAttention:
-                    block.__class__ = AcceleratedRoutingAttention
                     counts['modules'] += 1
     return counts

@@ -561,8 +561,6 @@ struct BraArgs {
   MapGeom g;
   int64_t L, nh, d, dv_dim, R;
   float scale;
-  bool add_out;   // forward: add the attention to what out holds
-  View4 dv_base;  // backward: dv starts from these rows (p null: from 0)
 };
 
 // Regions of at most this many tokens without a grouped copy (key_groups)
@@ -655,10 +653,7 @@ void bra_forward_items(const BraArgs& a, int64_t i0, int64_t i1) {
         inv[i] = 1.f / sum;
         lse_b[i] = m + std::log(sum);
       }
-      if (a.add_out)
-        wsum4<true>(srow, vrow.data(), orow, inv, nk, dv);
-      else
-        wsum4(srow, vrow.data(), orow, inv, nk, dv);
+      wsum4(srow, vrow.data(), orow, inv, nk, dv);
       if (a.lse)
         for (int i = 0; i < QB && t0 + i < tq; ++i)
           a.lse[(n * nh + hd) * a.L + g.token(r, t0 + i)] = lse_b[i];
@@ -689,14 +684,10 @@ void bra_backward_items(const BraArgs& a, int64_t i0, int64_t i1) {
   const float ones[QB] = {1.f, 1.f, 1.f, 1.f};
   for (int64_t item = i0; item < i1; ++item) {
     const int64_t hd = item % nh, n = item / nh;
-    // the item's dK/dV rows, accumulated in place below from zero (dV
-    // from dv_base where given)
+    // the item's dK/dV rows, accumulated in place below from zero
     for (int64_t l = 0; l < a.L; ++l) {
       std::fill_n(a.dk.at(n, l, hd), d, 0.f);
-      if (a.dv_base.p)
-        std::copy_n(a.dv_base.at(n, l, hd), dvd, a.dv.at(n, l, hd));
-      else
-        std::fill_n(a.dv.at(n, l, hd), dvd, 0.f);
+      std::fill_n(a.dv.at(n, l, hd), dvd, 0.f);
     }
     if (keys.G) {
       group_rows(a.k, n, hd, g, R, d, kg.data());
@@ -740,25 +731,15 @@ void bra_backward_items(const BraArgs& a, int64_t i0, int64_t i1) {
 
 }  // namespace
 
-// -> out (N, L, h, dv), lse (N, h, L) float32. out is a fresh contiguous
-// tensor, or `accumulate` (shaped like v, unit last stride) with the
-// attention added to what it holds.
+// -> out (N, L, h, dv) (a fresh contiguous tensor), lse (N, h, L) float32.
 std::vector<torch::Tensor> bra_forward(torch::Tensor q, torch::Tensor k,
                                        torch::Tensor v, torch::Tensor idx,
                                        int64_t H, int64_t W, int64_t nw,
-                                       double scale, bool need_lse,
-                                       c10::optional<torch::Tensor> accumulate) {
+                                       double scale, bool need_lse) {
   check_bra_inputs(q, k, v, idx, H, W, nw);
   const int64_t N = q.size(0), L = q.size(1), nh = q.size(2), d = q.size(3);
   const int64_t dv = v.size(3), R = nw * nw;
-  const bool add_out = accumulate.has_value();
-  if (add_out)
-    TORCH_CHECK(accumulate->sizes() == v.sizes() &&
-                    accumulate->stride(3) == 1 &&
-                    accumulate->scalar_type() == at::kFloat,
-                "bra_forward: accumulate must be float32 shaped like v with "
-                "a unit last stride");
-  auto out = add_out ? *accumulate : torch::empty({N, L, nh, dv}, q.options());
+  auto out = torch::empty({N, L, nh, dv}, q.options());
   auto lse = need_lse ? torch::empty({N, nh, L}, q.options())
                       : torch::empty({0}, q.options());
   const View4 none{nullptr, 0, 0, 0};
@@ -783,7 +764,7 @@ std::vector<torch::Tensor> bra_forward(torch::Tensor q, torch::Tensor k,
                   need_lse ? lse.data_ptr<float>() : nullptr,
                   idx.data_ptr<int64_t>(),
                   geom, L, nh, d,
-                  dv, R, static_cast<float>(scale), add_out, none};
+                  dv, R, static_cast<float>(scale)};
   at::parallel_for(0, N * R * nh, 1, [&](int64_t i0, int64_t i1) {
     bra_forward_items(a, i0, i1);
   });
@@ -793,13 +774,10 @@ std::vector<torch::Tensor> bra_forward(torch::Tensor q, torch::Tensor k,
 // Writes dq, dk (N, L, h, d) and dv (N, L, h, dv): views with a unit last
 // stride (e.g. slices of one qkv-shaped gradient), overwritten. Needs the
 // forward's lse, not its output.
-// With dv_base (shaped like v, unit last stride) dv is dv_base plus the
-// attention's.
 void bra_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k,
                   torch::Tensor v, torch::Tensor lse, torch::Tensor idx,
                   int64_t H, int64_t W, int64_t nw, double scale,
-                  torch::Tensor dq, torch::Tensor dk, torch::Tensor dv,
-                  c10::optional<torch::Tensor> dv_base) {
+                  torch::Tensor dq, torch::Tensor dk, torch::Tensor dv) {
   check_bra_inputs(q, k, v, idx, H, W, nw);
   TORCH_CHECK(grad_out.sizes() == v.sizes() && grad_out.stride(3) == 1 &&
                   grad_out.scalar_type() == at::kFloat &&
@@ -817,11 +795,6 @@ void bra_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k,
               "k, v with a unit last stride");
   const int64_t N = q.size(0), L = q.size(1), nh = q.size(2), d = q.size(3);
   const int64_t dvd = v.size(3), R = nw * nw;
-  if (dv_base.has_value())
-    TORCH_CHECK(dv_base->sizes() == v.sizes() && dv_base->stride(3) == 1 &&
-                    dv_base->scalar_type() == at::kFloat,
-                "bra_backward: dv_base must be float32 shaped like v with a "
-                "unit last stride");
   const View4 none{nullptr, 0, 0, 0};
   const GeomTables tables(W, nw, H / nw, W / nw);
   const BraArgs a{view4(q), view4(k), view4(v), none, view4(grad_out),
@@ -830,8 +803,7 @@ void bra_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k,
                   lse.data_ptr<float>(),
                   idx.data_ptr<int64_t>(),
                   tables.geom(H, W, nw, idx.size(2)), L, nh, d,
-                  dvd, R, static_cast<float>(scale), false,
-                  dv_base.has_value() ? view4(*dv_base) : none};
+                  dvd, R, static_cast<float>(scale)};
   at::parallel_for(0, N * nh, 1, [&](int64_t i0, int64_t i1) {
     bra_backward_items(a, i0, i1);
   });
@@ -1145,12 +1117,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bra_forward", &bra_forward,
         "bi-level routing attention, token order (out, lse)", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("idx"), py::arg("H"),
-        py::arg("W"), py::arg("nw"), py::arg("scale"), py::arg("need_lse"),
-        py::arg("accumulate") = py::none());
+        py::arg("W"), py::arg("nw"), py::arg("scale"), py::arg("need_lse"));
   m.def("bra_backward", &bra_backward,
         "gradients of bra_forward, written into the given dq, dk, dv",
         py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("lse"), py::arg("idx"), py::arg("H"), py::arg("W"),
         py::arg("nw"), py::arg("scale"), py::arg("dq"), py::arg("dk"),
-        py::arg("dv"), py::arg("dv_base") = py::none());
+        py::arg("dv"));
 }
