@@ -203,3 +203,20 @@ def test_in_process_case_accelerates_biformer_backbones(accelerate):
         rec, = run_interleaved([case], warmup=1, repeats=1, rounds=1,
                                profile=False)
         assert rec['accelerated'] is True and rec['ms_per_step'] > 0
+
+
+def test_before_after_cli(tmp_path):
+    """before_after.py imports an older checkout's package beside the
+    current one (here the current tree as its own "before": the renamed
+    copy must not collide with it in the registries or torch.library) and
+    reports both against Swin-T."""
+    proc = subprocess.run(
+        [sys.executable, osp.join(REPO, 'benchmarks', 'before_after.py'),
+         REPO, '--arch', 'tiny', '--modes', 'infer', '--infer-batch', '1',
+         '--rounds', '1', '--warmup', '0', '--threads', '1'],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+        env=dict(os.environ, PYTHONPATH=REPO))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = [s for s in proc.stdout.splitlines() if s.startswith('infer:')]
+    assert line and 'before' in line[0] and 'after' in line[0] and \
+        'Swin-T / after' in line[0], proc.stdout
