@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.accelerate import (
+    _autocast,
     _per_sample,
     add_norm,
     swap_modules,
@@ -95,7 +96,8 @@ class AcceleratedBlock(BiFormerBlock):
 
     ``drop_path`` and, with the fused operator, ``norm2`` are not the
     modules called then (hooks on them fire in inference only). Without
-    gradients, and on other devices, it is the plain block."""
+    gradients, on other devices and under autocast, it is the plain
+    block."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return block_forward(self, x)
@@ -110,7 +112,8 @@ def _fused_norm(block: BiFormerBlock, x: torch.Tensor) -> bool:
 
 def block_forward(block: BiFormerBlock, x: torch.Tensor) -> torch.Tensor:
     """The block's output as :class:`AcceleratedBlock` computes it."""
-    if not (torch.is_grad_enabled() and x.device.type == 'cpu'):
+    if not (torch.is_grad_enabled() and x.device.type == 'cpu') or \
+            _autocast(x):
         return BiFormerBlock.forward(block, x)
     if block.pos_embed is not None:
         x = x + block.pos_embed(x)

@@ -130,3 +130,24 @@ def test_kept_samples_only_in_eager_cpu_code():
     assert model_acc.kept_samples(torch.full((3, ), 2.)) is None
     assert model_acc.kept_samples(None) is None
     assert model_acc.kept_samples(factors.to('meta')) is None
+
+
+def test_plain_block_under_cpu_autocast(monkeypatch):
+    # under autocast the accelerated blocks compute as the plain ones (no
+    # kept-samples branches): the same bfloat16 outputs, the same draws
+    calls = []
+    monkeypatch.setattr(model_acc, '_add_kept',
+                        lambda *args: calls.append(1))
+    torch.manual_seed(0)
+    plain = BiFormer(arch=dict(MINI), out_indices=(3, ),
+                     drop_path_rate=0.6).train()
+    fast = copy.deepcopy(plain)
+    accelerate(fast)
+    x = torch.randn(4, 3, 112, 112, requires_grad=True)
+    outs = []
+    for model in (plain, fast):
+        torch.manual_seed(3)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            outs.append(model(x)[0])
+    assert not calls
+    torch.testing.assert_close(outs[1], outs[0])
