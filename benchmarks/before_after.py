@@ -79,8 +79,16 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     tmp = tempfile.mkdtemp(prefix='before_after_')
-    copy_package(args.before, tmp)
-    sys.path.insert(0, tmp)
+    try:
+        copy_package(args.before, tmp)
+        sys.path.insert(0, tmp)
+        run(args)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(args) -> None:
+    """The interleaved measurement, the older package importable."""
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -143,7 +151,6 @@ def main(argv=None) -> None:
                                       med.items())
               + f' | Swin-T / before {swin / med["before"]:.3f}, '
               f'Swin-T / after {swin / med["after"]:.3f}', flush=True)
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == '__main__':

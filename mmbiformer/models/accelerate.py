@@ -63,6 +63,17 @@ def kept_samples(factors: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if kept.numel() == factors.shape[0] else kept
 
 
+def _add_branch(x: torch.Tensor, branch, inp: torch.Tensor,
+                drop_path: nn.Module, factors: Optional[torch.Tensor],
+                kept: Optional[torch.Tensor]) -> torch.Tensor:
+    # x + drop_path(branch(inp)) with the drop-path factors drawn already:
+    # for the kept samples only where there are such (kept_samples)
+    if kept is not None:
+        return _add_kept(x, kept, branch, inp, drop_path)
+    y = branch(inp)
+    return x + (y if factors is None else y * _per_sample(factors, y.dim()))
+
+
 def _add_kept(x: torch.Tensor, kept: torch.Tensor, branch,
               inp: torch.Tensor, drop_path: DropPath) -> torch.Tensor:
     # x + drop_path(branch(inp)) with the branch run for the kept samples
@@ -124,24 +135,14 @@ def block_forward(block: BiFormerBlock, x: torch.Tensor) -> torch.Tensor:
 
     factors = _sample_factors(block.drop_path, x)
     kept = kept_samples(factors)
-    if kept is not None:
-        x = _add_kept(x, kept, attn, x, block.drop_path)
-        h = block.norm2(x)
-    elif _fused_norm(block, x):
+    if kept is None and _fused_norm(block, x):
         x, h = add_norm(x, attn(x), block.norm2, factors)
     else:
-        y = attn(x)
-        x = x + (y if factors is None else y * _per_sample(factors, y.dim()))
+        x = _add_branch(x, attn, x, block.drop_path, factors, kept)
         h = block.norm2(x)
-
     factors = _sample_factors(block.drop_path, x)
-    kept = kept_samples(factors)
-    if kept is not None:
-        x = _add_kept(x, kept, block.mlp, h, block.drop_path)
-    else:
-        y = block.mlp(h)
-        x = x + (y if factors is None else y * _per_sample(factors, y.dim()))
-    return x.permute(0, 3, 1, 2)
+    return _add_branch(x, block.mlp, h, block.drop_path, factors,
+                       kept_samples(factors)).permute(0, 3, 1, 2)
 
 
 def accelerate(model: nn.Module) -> Dict[str, int]:
