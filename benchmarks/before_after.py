@@ -10,7 +10,9 @@ loss on the last output, backward, AdamW) or inference forwards then
 alternate, so that a drifting machine hits all alike. The current model
 runs after ``mmbiformer.models.accelerate()`` (what the tools do), the
 older one as it was built. Prints, per mode, the median step of each and
-Swin-T's step over each BiFormer's (above 1: faster than Swin-T).
+Swin-T's step over each BiFormer's (above 1: faster than Swin-T), and the
+memory pages each step faults in with the system time it takes.
+``--hybrid`` adds the current backbone with the older attention layers.
 
 Example (the before/after table of ``docs/benchmarks.md``)::
 
@@ -29,6 +31,7 @@ import argparse
 import importlib
 import os
 import re
+import resource
 import shutil
 import statistics
 import sys
@@ -76,6 +79,10 @@ def main(argv=None) -> None:
     p.add_argument('--threads', type=int, default=None)
     p.add_argument('--before-pure-torch', action='store_true',
                    help="the older version without its C++ kernels")
+    p.add_argument('--hybrid', action='store_true',
+                   help="also the current backbone with the older version's "
+                   'attention layers (BiLevelRoutingAttention), to tell the '
+                   "attention's share of a difference from the rest")
     args = p.parse_args(argv)
 
     tmp = tempfile.mkdtemp(prefix='before_after_')
@@ -96,6 +103,8 @@ def run(args) -> None:
         old_ext = importlib.import_module(f'{ALIAS}.ops.cpu_ext')
         old_ext._enabled = lambda: False
     before = importlib.import_module(f'{ALIAS}.models.biformer')
+    before_attention = importlib.import_module(
+        f'{ALIAS}.ops.module').BiLevelRoutingAttention
 
     from mmpretrain.registry import MODELS
     from mmpretrain.utils import register_all_modules
@@ -110,6 +119,9 @@ def run(args) -> None:
     models = {'before': before.BiFormer(**kw), 'after': BiFormer(**kw)}
     models['after'].load_state_dict(models['before'].state_dict())
     accelerate(models['after'])
+    if args.hybrid:
+        models['hybrid'] = _hybrid(before_attention, BiFormer(**kw))
+        models['hybrid'].load_state_dict(models['before'].state_dict())
     models['swin-t'] = MODELS.build(
         dict(type='SwinTransformer', arch='tiny', img_size=224,
              drop_path_rate=0.2))
@@ -140,17 +152,43 @@ def run(args) -> None:
             for _ in range(args.warmup):
                 step(name)
         times = {name: [] for name in models}
+        faults = {name: [] for name in models}
         for _ in range(args.rounds):
             for name in models:
+                use = resource.getrusage(resource.RUSAGE_SELF)
                 start = time.perf_counter()
                 step(name)
                 times[name].append(time.perf_counter() - start)
+                end = resource.getrusage(resource.RUSAGE_SELF)
+                faults[name].append((end.ru_minflt - use.ru_minflt,
+                                     end.ru_stime - use.ru_stime))
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
         swin = med['swin-t']
         print(f'{mode}: ' + ', '.join(f'{k} {v:.0f} ms' for k, v in
                                       med.items())
               + f' | Swin-T / before {swin / med["before"]:.3f}, '
               f'Swin-T / after {swin / med["after"]:.3f}', flush=True)
+        # memory pages a step faults in, and the system time it takes
+        print('  minor page faults / system ms a step (medians): ' + ', '.join(
+            f'{k} {statistics.median(f for f, _ in v):.0f} / '
+            f'{statistics.median(t for _, t in v) * 1e3:.0f}'
+            for k, v in faults.items()), flush=True)
+
+
+def _hybrid(attention_cls, model):
+    """``model`` with every routing attention layer replaced by an
+    ``attention_cls`` (the older version's) of the same settings."""
+    from mmbiformer.models.accelerate import accelerate
+    from mmbiformer.ops.module import BiLevelRoutingAttention
+    accelerate(model)
+    for block in model.modules():
+        layer = getattr(block, 'attn', None)
+        if isinstance(layer, BiLevelRoutingAttention):
+            block.attn = attention_cls(
+                layer.dim, layer.num_heads, layer.n_win, layer.qk_dim,
+                layer.scale, layer.topk, layer.side_dwconv, layer.auto_pad,
+                layer.pad_mode)
+    return model
 
 
 if __name__ == '__main__':

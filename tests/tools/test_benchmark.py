@@ -213,10 +213,11 @@ def test_before_after_cli(tmp_path):
     proc = subprocess.run(
         [sys.executable, osp.join(REPO, 'benchmarks', 'before_after.py'),
          REPO, '--arch', 'tiny', '--modes', 'infer', '--infer-batch', '1',
-         '--rounds', '1', '--warmup', '0', '--threads', '1'],
+         '--rounds', '1', '--warmup', '0', '--threads', '1', '--hybrid'],
         capture_output=True, text=True, cwd=REPO, timeout=600,
         env=dict(os.environ, PYTHONPATH=REPO))
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = [s for s in proc.stdout.splitlines() if s.startswith('infer:')]
     assert line and 'before' in line[0] and 'after' in line[0] and \
-        'Swin-T / after' in line[0], proc.stdout
+        'hybrid' in line[0] and 'Swin-T / after' in line[0], proc.stdout
+    assert 'minor page faults' in proc.stdout, proc.stdout
