@@ -29,7 +29,10 @@ SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc',
                   'cpu_kernels.cpp')
 ENV_SWITCH = 'MMBIFORMER_CPU_EXT'
 #: per capability level below AVX-512: the build pins that level's code
-_ISA_FLAGS = {'avx2': ['-DMMB_ISA=2'], 'default': ['-DMMB_ISA=1']}
+_ISA_FLAGS = {
+    'avx2': ['-DMMB_ISA=2', '-mavx2', '-mfma'],
+    'default': ['-DMMB_ISA=1']
+}
 
 _lock = threading.Lock()
 _state: dict = {}

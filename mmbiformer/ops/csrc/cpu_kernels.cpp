@@ -64,12 +64,141 @@ View4 view4(const torch::Tensor& t) {
 // extensions), the exponentials in a vectorised exp (Cephes polynomial,
 // about 1 ulp).
 
+// The kernels compute on 16-float vectors `v16` (and `i16`, their integer
+// bit patterns). At AVX-512 and baseline x86-64 they are GCC vector
+// extensions. At AVX2 (MMB_ISA 2) a v16 is a pair of native 8-lane halves:
+// GCC lowers a 16-lane vector shuffle to 32 scalar moves where the target
+// has no 16-lane registers, which made these kernels 2-16x slower than
+// torch there. Lane shuffles go through shuffle2<Perm16> (constant
+// two-source) and permute (one source, lane indices in a vector), so the
+// kernels read the same at every level.
+
+struct Perm16 {  // lane j of shuffle2(a, b) is (a | b)[m[j]], m[j] < 32
+  int m[16];
+};
+
+#if defined(MMB_ISA) && MMB_ISA == 2
+#include <immintrin.h>
+#define MMB_SPLIT 1
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t vi8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));
+
+struct v16 {
+  v8 lo, hi;
+  MMB_INLINE float& operator[](int i) { return reinterpret_cast<float*>(this)[i]; }
+  MMB_INLINE float operator[](int i) const {
+    return reinterpret_cast<const float*>(this)[i];
+  }
+};
+struct i16 {
+  vi8 lo, hi;
+  MMB_INLINE int32_t& operator[](int i) {
+    return reinterpret_cast<int32_t*>(this)[i];
+  }
+};
+
+#define MMB_BINARY(T, OP)                                                  \
+  MMB_INLINE T operator OP(T a, T b) { return {a.lo OP b.lo, a.hi OP b.hi}; } \
+  MMB_INLINE T& operator OP##=(T& a, T b) { return a = a OP b; }
+#define MMB_SCALAR(T, S, OP)                                                  \
+  MMB_INLINE T operator OP(T a, S s) { return {a.lo OP s, a.hi OP s}; }       \
+  MMB_INLINE T operator OP(S s, T a) { return {s OP a.lo, s OP a.hi}; }
+MMB_BINARY(v16, +) MMB_BINARY(v16, -) MMB_BINARY(v16, *)
+MMB_SCALAR(v16, float, +) MMB_SCALAR(v16, float, -) MMB_SCALAR(v16, float, *)
+MMB_SCALAR(v16, float, /)
+MMB_BINARY(i16, +) MMB_BINARY(i16, -) MMB_BINARY(i16, &) MMB_BINARY(i16, |)
+MMB_SCALAR(i16, int32_t, +) MMB_SCALAR(i16, int32_t, -)
+MMB_SCALAR(i16, int32_t, &)
+#undef MMB_BINARY
+#undef MMB_SCALAR
+MMB_INLINE v16 operator-(v16 a) { return {-a.lo, -a.hi}; }
+MMB_INLINE i16 operator~(i16 a) { return {~a.lo, ~a.hi}; }
+MMB_INLINE i16 operator>>(i16 a, int s) { return {a.lo >> s, a.hi >> s}; }
+MMB_INLINE i16 operator<<(i16 a, int s) { return {a.lo << s, a.hi << s}; }
+
+MMB_INLINE v16 load16(const float* p) {
+  return {*reinterpret_cast<const v8u*>(p),
+          *reinterpret_cast<const v8u*>(p + 8)};
+}
+MMB_INLINE void store16(float* p, v16 x) {
+  *reinterpret_cast<v8u*>(p) = x.lo;
+  *reinterpret_cast<v8u*>(p + 8) = x.hi;
+}
+MMB_INLINE i16 as_int(v16 x) {
+  return {reinterpret_cast<vi8>(x.lo), reinterpret_cast<vi8>(x.hi)};
+}
+MMB_INLINE v16 as_float(i16 x) {
+  return {reinterpret_cast<v8>(x.lo), reinterpret_cast<v8>(x.hi)};
+}
+
+// One 8-lane half of shuffle2: the (at most two) source halves that its
+// lanes read, and the lane indices into their concatenation.
+struct HalfPerm {
+  int first, second, idx[8];
+};
+constexpr HalfPerm half_perm(Perm16 p, int half) {
+  HalfPerm h{p.m[8 * half] / 8, p.m[8 * half] / 8, {}};
+  for (int j = 0; j < 8; ++j)
+    if (p.m[8 * half + j] / 8 != h.first) h.second = p.m[8 * half + j] / 8;
+  for (int j = 0; j < 8; ++j) {
+    const int src = p.m[8 * half + j] / 8;
+    if (src != h.first && src != h.second) throw "3 source halves";
+    h.idx[j] = p.m[8 * half + j] % 8 + (src == h.first ? 0 : 8);
+  }
+  return h;
+}
+template <Perm16 P, int HALF>
+MMB_INLINE v8 shuffle_half(const v8* src) {
+  constexpr HalfPerm h = half_perm(P, HALF);
+  constexpr vi8 idx = {h.idx[0], h.idx[1], h.idx[2], h.idx[3],
+                       h.idx[4], h.idx[5], h.idx[6], h.idx[7]};
+  return __builtin_shuffle(src[h.first], src[h.second], idx);
+}
+template <Perm16 P>
+MMB_INLINE v16 shuffle2(v16 a, v16 b) {
+  const v8 src[4] = {a.lo, a.hi, b.lo, b.hi};
+  return {shuffle_half<P, 0>(src), shuffle_half<P, 1>(src)};
+}
+// lane j: x[idx[j]], 0 <= idx[j] < 16 (vpermps of both halves, blended)
+MMB_INLINE v8 permute_half(v16 x, vi8 idx) {
+  const __m256i i = reinterpret_cast<__m256i>(idx);
+  const __m256 from_lo = _mm256_permutevar8x32_ps(x.lo, i);
+  const __m256 from_hi = _mm256_permutevar8x32_ps(x.hi, i);
+  // bit 3 of the index (a lane of the high half) to the sign bit
+  return _mm256_blendv_ps(from_lo, from_hi,
+                          reinterpret_cast<__m256>(idx << 28));
+}
+MMB_INLINE v16 permute(v16 x, i16 idx) {
+  return {permute_half(x, idx.lo), permute_half(x, idx.hi)};
+}
+#else
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
 typedef int32_t i16 __attribute__((vector_size(64)));
 
 MMB_INLINE v16 load16(const float* p) { return *reinterpret_cast<const v16u*>(p); }
 MMB_INLINE void store16(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
+MMB_INLINE i16 as_int(v16 x) { return reinterpret_cast<i16>(x); }
+MMB_INLINE v16 as_float(i16 x) { return reinterpret_cast<v16>(x); }
+template <Perm16 P>
+MMB_INLINE v16 shuffle2(v16 a, v16 b) {
+  constexpr i16 m = {P.m[0], P.m[1], P.m[2],  P.m[3],  P.m[4],  P.m[5],
+                     P.m[6], P.m[7], P.m[8],  P.m[9],  P.m[10], P.m[11],
+                     P.m[12], P.m[13], P.m[14], P.m[15]};
+  return __builtin_shuffle(a, b, m);
+}
+MMB_INLINE v16 permute(v16 x, i16 idx) { return __builtin_shuffle(x, idx); }
+#endif
+
+// Registers hold 2 x 16 lanes of accumulators per query of a register block
+// at AVX-512 (32 registers of 16 lanes), 1 x 16 elsewhere (16 of 8 lanes).
+#if defined(MMB_SPLIT)
+constexpr int kMaxNV = 1;
+#else
+constexpr int kMaxNV = 2;
+#endif
+
 MMB_INLINE v16 splat(float x) { return v16{} + x; }
 
 // Lane selects by the sign bit of a float vector, in integer ops. GCC
@@ -77,29 +206,22 @@ MMB_INLINE v16 splat(float x) { return v16{} + x; }
 // target has no 16-lane registers (AVX2, baseline x86-64); shifts and
 // bitwise ops it splits into native vectors.
 MMB_INLINE i16 negative_mask(v16 x) {  // all ones where x's sign bit is set
-  return reinterpret_cast<const i16&>(x) >> 31;
+  return as_int(x) >> 31;
 }
 MMB_INLINE v16 select_mask(i16 m, v16 a, v16 b) {  // m ? a : b, per lane
-  const i16 r = (m & reinterpret_cast<const i16&>(a)) |
-                (~m & reinterpret_cast<const i16&>(b));
-  return reinterpret_cast<const v16&>(r);
+  return as_float((m & as_int(a)) | (~m & as_int(b)));
 }
 MMB_INLINE v16 vmax(v16 a, v16 b) {  // a < b ? b : a (finite or +-inf)
   return select_mask(negative_mask(a - b), b, a);
 }
-MMB_INLINE v16 vabs(v16 x) {
-  const i16 r = reinterpret_cast<const i16&>(x) & 0x7fffffff;
-  return reinterpret_cast<const v16&>(r);
-}
+MMB_INLINE v16 vabs(v16 x) { return as_float(as_int(x) & 0x7fffffff); }
 
 MMB_INLINE v16 vexp(v16 x) {
   x = vmax(x, splat(-87.3f));
   const float magic = 12582912.f;  // 1.5 * 2^23: round to nearest integer
   const v16 t = x * 1.44269504088896341f + magic;
   const v16 n = t - magic;
-  const i16 ni = reinterpret_cast<const i16&>(t) -
-                 reinterpret_cast<const i16&>(static_cast<const v16&>(
-                     splat(magic)));
+  const i16 ni = as_int(t) - as_int(splat(magic));
   const v16 r = x - n * 0.693359375f - n * -2.12194440e-4f;
   v16 p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
@@ -109,7 +231,7 @@ MMB_INLINE v16 vexp(v16 x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.f;
   const i16 e = (ni + 127) << 23;
-  return p * reinterpret_cast<const v16&>(e);
+  return p * as_float(e);
 }
 
 MMB_INLINE float hsum(v16 x) {
@@ -152,7 +274,7 @@ MMB_INLINE void logits4_block(const float* const* q, const float* kt,
 MMB_INLINE void logits4(const float* const* q, const float* kt, float* const* s,
              int64_t d, int64_t nk16, float scale) {
   int64_t jb = 0;
-  for (; jb + 32 <= nk16; jb += 32) logits4_block<2>(q, kt, s, d, nk16, jb, scale);
+  for (; kMaxNV == 2 && jb + 32 <= nk16; jb += 32) logits4_block<2>(q, kt, s, d, nk16, jb, scale);
   for (; jb < nk16; jb += 16) logits4_block<1>(q, kt, s, d, nk16, jb, scale);
 }
 
@@ -162,31 +284,30 @@ MMB_INLINE void logits4(const float* const* q, const float* kt, float* const* s,
 // lanes of x[j]).
 template <int G>
 MMB_INLINE v16 tree_sum(v16* x) {
-  const i16 lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
-  const i16 hi8 = {8, 9, 10, 11, 12, 13, 14, 15,
-                   24, 25, 26, 27, 28, 29, 30, 31};
-  const i16 lo4 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
-  const i16 hi4 = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
-  const i16 lo2 = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
-  const i16 hi2 = {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31};
-  const i16 ev = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
-  const i16 od = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+  constexpr Perm16 lo8{{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}};
+  constexpr Perm16 hi8{{8, 9, 10, 11, 12, 13, 14, 15,
+                        24, 25, 26, 27, 28, 29, 30, 31}};
+  constexpr Perm16 lo4{{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27}};
+  constexpr Perm16 hi4{{4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31}};
+  constexpr Perm16 lo2{{0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29}};
+  constexpr Perm16 hi2{{2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31}};
+  constexpr Perm16 ev{{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30}};
+  constexpr Perm16 od{{1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31}};
   // each level halves the vectors and the partial sums per output: vector
   // p then holds those of inputs 2p and 2p + 1 in consecutive lane groups
   if (G >= 2)
     for (int p = 0; p < G / 2; ++p)
-      x[p] = __builtin_shuffle(x[2 * p], x[2 * p + 1], lo8) +
-             __builtin_shuffle(x[2 * p], x[2 * p + 1], hi8);
+      x[p] = shuffle2<lo8>(x[2 * p], x[2 * p + 1]) +
+             shuffle2<hi8>(x[2 * p], x[2 * p + 1]);
   if (G >= 4)
     for (int p = 0; p < G / 4; ++p)
-      x[p] = __builtin_shuffle(x[2 * p], x[2 * p + 1], lo4) +
-             __builtin_shuffle(x[2 * p], x[2 * p + 1], hi4);
+      x[p] = shuffle2<lo4>(x[2 * p], x[2 * p + 1]) +
+             shuffle2<hi4>(x[2 * p], x[2 * p + 1]);
   if (G >= 8)
     for (int p = 0; p < G / 8; ++p)
-      x[p] = __builtin_shuffle(x[2 * p], x[2 * p + 1], lo2) +
-             __builtin_shuffle(x[2 * p], x[2 * p + 1], hi2);
-  if (G >= 16)
-    x[0] = __builtin_shuffle(x[0], x[1], ev) + __builtin_shuffle(x[0], x[1], od);
+      x[p] = shuffle2<lo2>(x[2 * p], x[2 * p + 1]) +
+             shuffle2<hi2>(x[2 * p], x[2 * p + 1]);
+  if (G >= 16) x[0] = shuffle2<ev>(x[0], x[1]) + shuffle2<od>(x[0], x[1]);
   return x[0];
 }
 
@@ -264,7 +385,7 @@ MMB_INLINE void wsum4(const float* const* p, const float* const* rows,
                       float* const* o, const float* inv, int64_t nk,
                       int64_t dv) {
   int64_t cb = 0;
-  for (; cb + 32 <= dv; cb += 32)
+  for (; kMaxNV == 2 && cb + 32 <= dv; cb += 32)
     wsum4_block<2, ADD>(p, rows, o, inv, nk, cb);
   for (; cb < dv; cb += 16) wsum4_block<1, ADD>(p, rows, o, inv, nk, cb);
 }
@@ -289,7 +410,7 @@ MMB_INLINE void rank4_block(float* const* acc, const float* const* w,
 MMB_INLINE void rank4(float* const* acc, const float* const* w,
                       const float* const* x, int64_t nk, int64_t c_dim) {
   int64_t cb = 0;
-  for (; cb + 32 <= c_dim; cb += 32) rank4_block<2>(acc, w, x, nk, cb);
+  for (; kMaxNV == 2 && cb + 32 <= c_dim; cb += 32) rank4_block<2>(acc, w, x, nk, cb);
   for (; cb < c_dim; cb += 16) rank4_block<1>(acc, w, x, nk, cb);
 }
 
@@ -360,27 +481,27 @@ struct GeomTables {
 // One level of transpose16: swaps the off-diagonal sub-blocks of width B
 // between the rows i and i + B ((i & B) == 0); lo / hi pick, per lane, from
 // the pair's two rows (lane index + 16: the second one).
-template <int B>
-MMB_INLINE void swap_blocks(v16* r, i16 lo, i16 hi) {
+template <int B, Perm16 LO, Perm16 HI>
+MMB_INLINE void swap_blocks(v16* r) {
   for (int i = 0; i < 16; ++i) {
     if (i & B) continue;
     const v16 x = r[i], y = r[i + B];
-    r[i] = __builtin_shuffle(x, y, lo);
-    r[i + B] = __builtin_shuffle(x, y, hi);
+    r[i] = shuffle2<LO>(x, y);
+    r[i + B] = shuffle2<HI>(x, y);
   }
 }
 
 // Transposes the 16 x 16 block held in r (r[j][c] -> r[c][j]) in four
 // levels of two-source lane shuffles (sub-block widths 8, 4, 2, 1).
 MMB_INLINE void transpose16(v16* r) {
-  swap_blocks<8>(r, i16{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
-                 i16{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
-  swap_blocks<4>(r, i16{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
-                 i16{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
-  swap_blocks<2>(r, i16{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
-                 i16{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
-  swap_blocks<1>(r, i16{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
-                 i16{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
+  swap_blocks<8, Perm16{{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}},
+              Perm16{{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}}>(r);
+  swap_blocks<4, Perm16{{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27}},
+              Perm16{{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31}}>(r);
+  swap_blocks<2, Perm16{{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}},
+              Perm16{{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31}}>(r);
+  swap_blocks<1, Perm16{{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}},
+              Perm16{{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}}>(r);
 }
 
 // Transposed copy (c_dim, nk16) of nk16 rows (the padding ones zeros), c_dim
@@ -433,10 +554,12 @@ MMB_INLINE void group_rows_tq(const View4& x, int64_t n, int64_t hd,
                               const MapGeom& g, int64_t R, int64_t c_dim,
                               float* dst) {
   constexpr int G = 16 / TQ;
-  i16 perm[TQ], tok;
-  for (int l = 0; l < 16; ++l) tok[l] = l % TQ;
+  i16 perm[TQ], tok[TQ];  // tok[t]: all ones on the lanes of token t
   for (int k = 0; k < TQ; ++k)
-    for (int l = 0; l < 16; ++l) perm[k][l] = k * G + l / TQ;
+    for (int l = 0; l < 16; ++l) {
+      perm[k][l] = k * G + l / TQ;
+      tok[k][l] = l % TQ == k ? -1 : 0;
+    }
   const float* src[TQ];
   for (int64_t r = 0; r < R; ++r) {
     float* o = dst + r * c_dim * TQ;
@@ -445,9 +568,9 @@ MMB_INLINE void group_rows_tq(const View4& x, int64_t n, int64_t hd,
       v16 rows[TQ];
       for (int t = 0; t < TQ; ++t) rows[t] = load16(src[t] + cb);
       for (int k = 0; k < TQ; ++k) {
-        v16 out = __builtin_shuffle(rows[0], perm[k]);
+        v16 out = permute(rows[0], perm[k]);
         for (int t = 1; t < TQ; ++t)
-          out = tok == t ? __builtin_shuffle(rows[t], perm[k]) : out;
+          out = select_mask(tok[t], permute(rows[t], perm[k]), out);
         store16(o, out);
         o += 16;
       }
@@ -485,7 +608,7 @@ MMB_INLINE void spread_query(const float* q, float* qe, int64_t c_dim,
     const int64_t c0 = u * G;
     const v16 src = load16(q + (c0 & ~int64_t{15}));
     store16(qe + u * 16,
-            __builtin_shuffle(src, lane + static_cast<int32_t>(c0 & 15)));
+            permute(src, lane + static_cast<int32_t>(c0 & 15)));
   }
 }
 
