@@ -22,8 +22,8 @@ registration, and that registration alone picks the implementation
 ==========  ===============================================================
 backend     implementation
 ==========  ===============================================================
-``auto``    CPU: the C++ kernels (:mod:`~.cpu_bra`) at the AVX-512
-            capability level where they apply, else ``torch``; CUDA:
+``auto``    CPU: the C++ kernels (:mod:`~.cpu_bra`) at the AVX-512 and
+            AVX2 capability levels where they apply, else ``torch``; CUDA:
             Triton (:mod:`~.triton_bra`) where it applies, else ``torch``
 ``cpu``     the C++ kernels (float32, head dims multiple of 16, no key
             mask); an error elsewhere
@@ -59,6 +59,10 @@ __all__ = ['BACKENDS', 'bra', 'implementation', 'triton_available']
 
 BACKENDS = ('auto', 'cpu', 'triton', 'torch', 'official', 'reference',
             'flex')
+#: CPU capability levels where ``auto`` takes the C++ kernels: where they
+#: were measured faster than the portable code (docs/benchmarks.md). At the
+#: baseline level (SSE2) GCC compiles their 16-lane shuffles lane by lane.
+_KERNEL_LEVELS = ('avx512', 'avx2')
 #: backend names of earlier releases and what took their place
 _RENAMED = {'fused': 'torch', 'gather': 'torch'}
 
@@ -99,9 +103,7 @@ def implementation(device: str, backend: str, q: Tensor, v: Tensor,
     if backend == 'torch':
         return bra_torch
     if backend == 'cpu' or (backend == 'auto' and device == 'cpu'):
-        if backend == 'auto' and cpu_ext.capability() != 'avx512':
-            # the kernels were tuned on AVX-512; at AVX2 they were 2.3-8.5x
-            # slower than the portable code (docs/benchmarks.md)
+        if backend == 'auto' and cpu_ext.capability() not in _KERNEL_LEVELS:
             return bra_torch
         why = (f'the tensors are on {q.device.type}' if device != 'cpu'
                else cpu_bra.applies(q, v, heads, key_valid))

@@ -9,8 +9,9 @@ forward keeps only the per-query log-sum-exp; the backward recomputes the
 probabilities per region (taking ``dO . o`` as ``sum_j P_ij dP_ij``) and
 accumulates dK/dV per (image, head).
 
-They were tuned on AVX-512: :func:`mmbiformer.ops.bra` takes them by default
-only at that capability level (see ``docs/benchmarks.md``).
+:func:`mmbiformer.ops.bra` takes them by default at the AVX-512 and AVX2
+capability levels, where they were measured faster than the portable code
+(``docs/benchmarks.md``).
 """
 from __future__ import annotations
 

@@ -108,7 +108,8 @@ from helpers import fwd_bwd, make_maps
 assert cpu_ext.capability() == "{level}", cpu_ext.capability()
 assert cpu_ext.load() is not None
 maps, graph = make_maps(1, 2, 4, 2, 2, 3, 16, 16)
-assert implementation("cpu", "auto", maps[0], maps[2], 2, None) is bra_torch
+auto = implementation("cpu", "auto", maps[0], maps[2], 2, None)
+assert auto is ({auto}), auto
 assert implementation("cpu", "cpu", maps[0], maps[2], 2, None) is cpu_bra
 ref, grad = fwd_bwd(maps, graph, 2, "reference")
 got, _ = fwd_bwd(maps, graph, 2, "cpu", grad)
@@ -120,13 +121,14 @@ print("ok")
 
 @pytest.mark.slow
 @needs_kernels
-@pytest.mark.parametrize('level', ['avx2'])
-def test_pinned_capability_level(level):
+@pytest.mark.parametrize('level,auto', [('avx2', 'cpu_bra')])
+def test_pinned_capability_level(level, auto):
     """``ATEN_CPU_CAPABILITY`` pins the kernels' code to that level (a
-    build of its own): they still compute the reference, and ``auto``
-    takes the portable code there."""
+    build of its own, 8-lane at AVX2): they still compute the reference,
+    and ``auto`` takes them there."""
     env = dict(os.environ, ATEN_CPU_CAPABILITY=level)
-    proc = subprocess.run([sys.executable, '-c', PINNED.format(level=level)],
+    proc = subprocess.run([sys.executable, '-c',
+                           PINNED.format(level=level, auto=auto)],
                           env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0 and 'ok' in proc.stdout, \

@@ -129,15 +129,15 @@ def test_empty_batch():
 
 # ------------------------------------------------------------ the choice
 
-def test_auto_takes_the_cpu_kernels_only_at_avx512(monkeypatch):
+def test_auto_takes_the_cpu_kernels_at_avx512_and_avx2(monkeypatch):
     maps, graph = make_maps(1, 2, 2, 2, 2, 2, 16, 16)
     q, _, v = maps
-    monkeypatch.setattr(cpu_ext, 'capability', lambda: 'avx2')
-    assert implementation('cpu', 'auto', q, v, 2, None) is bra_torch
+    monkeypatch.setattr(cpu_ext, 'load', lambda verbose=False: object())
     monkeypatch.setattr(cpu_ext, 'capability', lambda: 'default')
     assert implementation('cpu', 'auto', q, v, 2, None) is bra_torch
+    monkeypatch.setattr(cpu_ext, 'capability', lambda: 'avx2')
+    assert implementation('cpu', 'auto', q, v, 2, None) is cpu_bra
     monkeypatch.setattr(cpu_ext, 'capability', lambda: 'avx512')
-    monkeypatch.setattr(cpu_ext, 'load', lambda verbose=False: object())
     assert implementation('cpu', 'auto', q, v, 2, None) is cpu_bra
     # where they do not apply, 'auto' takes the portable code...
     assert implementation('cpu', 'auto', q, v, 2,

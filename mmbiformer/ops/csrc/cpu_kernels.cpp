@@ -3,9 +3,10 @@
 // Built on first use by mmbiformer/ops/cpu_ext.py with
 // torch.utils.cpp_extension.load; every kernel has a pure-torch fallback.
 // Hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked
-// at run time (GCC target_clones), so one build runs on any x86-64 CPU.
-// The kernels were tuned on AVX-512; the operator takes them by default
-// only there (mmbiformer/ops/bra.py).
+// at run time (GCC target_clones), so one build runs on any x86-64 CPU;
+// below AVX-512 the build pins one level (MMB_ISA, below). The operator
+// takes the attention kernels by default at AVX-512 and AVX2, where they
+// were measured faster than its portable code (mmbiformer/ops/bra.py).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -311,27 +312,75 @@ MMB_INLINE v16 tree_sum(v16* x) {
   return x[0];
 }
 
-// logits4_rows for rows of NV 16-lane vectors (d = 16 * NV): the products
-// unrolled, so a query's 16 partial sums stay in registers up to the tree
-// (with d a run-time loop bound they were spilled to the stack)
+// q . kr as 16 lanes of partial sums; NV > 0: d = 16 * NV, the products
+// unrolled with q in registers (qv) (with d a run-time loop bound the
+// partial sums were spilled to the stack)
 template <int NV>
-MMB_INLINE void logits4_rows_fixed(const float* const* q,
-                                   const float* const* rows, float* const* s,
-                                   int64_t nk16, float scale) {
-  for (int64_t jb = 0; jb < nk16; jb += 16) {
-    for (int i = 0; i < QB; ++i) {
-      v16 qv[NV];
-      for (int v = 0; v < NV; ++v) qv[v] = load16(q[i] + 16 * v);
-      v16 acc[16];
-      for (int j = 0; j < 16; ++j) {
-        const float* kr = rows[jb + j];
-        v16 a = qv[0] * load16(kr);
-        for (int v = 1; v < NV; ++v) a += qv[v] * load16(kr + 16 * v);
-        acc[j] = a;
-      }
-      store16(s[i] + jb, tree_sum<16>(acc) * scale);
-    }
+MMB_INLINE v16 dot_lanes(const float* q, const v16* qv, const float* kr,
+                         int64_t d) {
+  if constexpr (NV > 0) {
+    v16 a = qv[0] * load16(kr);
+    for (int v = 1; v < NV; ++v) a += qv[v] * load16(kr + 16 * v);
+    return a;
+  } else {
+    v16 a = load16(q) * load16(kr);
+    for (int64_t c = 16; c < d; c += 16) a += load16(q + c) * load16(kr + c);
+    return a;
   }
+}
+
+#if defined(MMB_SPLIT)
+// 8-lane tree_sum<8>: lane j of the result is the sum of the lanes of x[j]
+MMB_INLINE v8 tree_sum8(v8* x) {
+  constexpr vi8 lo4 = {0, 1, 2, 3, 8, 9, 10, 11};
+  constexpr vi8 hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
+  constexpr vi8 lo2 = {0, 1, 4, 5, 8, 9, 12, 13};
+  constexpr vi8 hi2 = {2, 3, 6, 7, 10, 11, 14, 15};
+  constexpr vi8 ev = {0, 2, 4, 6, 8, 10, 12, 14};
+  constexpr vi8 od = {1, 3, 5, 7, 9, 11, 13, 15};
+  for (int p = 0; p < 4; ++p)
+    x[p] = __builtin_shuffle(x[2 * p], x[2 * p + 1], lo4) +
+           __builtin_shuffle(x[2 * p], x[2 * p + 1], hi4);
+  for (int p = 0; p < 2; ++p)
+    x[p] = __builtin_shuffle(x[2 * p], x[2 * p + 1], lo2) +
+           __builtin_shuffle(x[2 * p], x[2 * p + 1], hi2);
+  return __builtin_shuffle(x[0], x[1], ev) + __builtin_shuffle(x[0], x[1], od);
+}
+#endif
+
+// out[j] = q . rows[j], j < 16 (see dot_lanes for NV). At AVX-512 the 16
+// vectors of partial sums go through one tree_sum<16>; with 8-lane halves
+// 16 of them would not fit the registers, so each half folds its 8 keys'
+// sums to 8 lanes first and takes an 8-lane tree.
+template <int NV>
+MMB_INLINE v16 dots16(const float* q, const float* const* rows, int64_t d) {
+  v16 qv[NV > 0 ? NV : 1];
+  for (int v = 0; v < NV; ++v) qv[v] = load16(q + 16 * v);
+#if defined(MMB_SPLIT)
+  v16 out;
+  v8 acc[8];
+  for (int h = 0; h < 2; ++h) {
+    for (int j = 0; j < 8; ++j) {
+      const v16 a = dot_lanes<NV>(q, qv, rows[8 * h + j], d);
+      acc[j] = a.lo + a.hi;
+    }
+    (h ? out.hi : out.lo) = tree_sum8(acc);
+  }
+  return out;
+#else
+  v16 acc[16];
+  for (int j = 0; j < 16; ++j) acc[j] = dot_lanes<NV>(q, qv, rows[j], d);
+  return tree_sum<16>(acc);
+#endif
+}
+
+template <int NV>
+MMB_INLINE void logits4_rows_nv(const float* const* q,
+                                const float* const* rows, float* const* s,
+                                int64_t d, int64_t nk16, float scale) {
+  for (int64_t jb = 0; jb < nk16; jb += 16)
+    for (int i = 0; i < QB; ++i)
+      store16(s[i] + jb, dots16<NV>(q[i], rows + jb, d) * scale);
 }
 
 // s_i[j] = scale * q_i . rows[j], j < nk16 (rows: nk16 pointers, the
@@ -340,21 +389,9 @@ MMB_INLINE void logits4_rows_fixed(const float* const* q,
 MMB_INLINE void logits4_rows(const float* const* q, const float* const* rows,
                              float* const* s, int64_t d, int64_t nk16,
                              float scale) {
-  if (d == 32) return logits4_rows_fixed<2>(q, rows, s, nk16, scale);
-  if (d == 16) return logits4_rows_fixed<1>(q, rows, s, nk16, scale);
-  for (int64_t jb = 0; jb < nk16; jb += 16) {
-    for (int i = 0; i < QB; ++i) {
-      v16 acc[16];
-      for (int j = 0; j < 16; ++j) {
-        const float* kr = rows[jb + j];
-        v16 a = load16(q[i]) * load16(kr);
-        for (int64_t c = 16; c < d; c += 16)
-          a += load16(q[i] + c) * load16(kr + c);
-        acc[j] = a;
-      }
-      store16(s[i] + jb, tree_sum<16>(acc) * scale);
-    }
-  }
+  if (d == 32) return logits4_rows_nv<2>(q, rows, s, d, nk16, scale);
+  if (d == 16) return logits4_rows_nv<1>(q, rows, s, d, nk16, scale);
+  logits4_rows_nv<0>(q, rows, s, d, nk16, scale);
 }
 
 // o_i[cb + c] (+)= inv_i * sum_{j < nk} p_i[j] rows[j][cb + c], c < 16 * NV
