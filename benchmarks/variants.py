@@ -26,3 +26,9 @@ def plain_block(block: nn.Module, x):
     ``norm2`` as separate ops)."""
     from mmbiformer.models.layers import BiFormerBlock
     return BiFormerBlock.forward(block, x)
+
+
+#: the CPU levels where the operator's ``auto`` took the C++ kernels before
+#: they had an 8-lane build (``mmbiformer.ops.bra:_KERNEL_LEVELS``): at
+#: AVX2 the portable implementation ran
+KERNEL_LEVELS_AVX512_ONLY = ('avx512', )
