@@ -135,10 +135,10 @@ def training_fusions(x: Tensor) -> bool:
     """Whether the training fusions (:func:`gelu_mlp`,
     :func:`add_layer_norm`) run for the activations ``x``: float32 on the
     CPU at the AVX-512 capability level with the C++ kernels built. There
-    they saved 3.4 % and 7.4 % of a BiFormer-S training step; at AVX2 they
-    cost 7.7 % and 5.5 % (GCC compiles the kernels' 16-lane compares and
-    selects element by element below AVX-512), so there the modules compute
-    as the plain ones do (``docs/benchmarks.md``)."""
+    they saved 3.4 % and 7.4 % of a BiFormer-S training step on an AMD
+    EPYC, 0.8 % and 1.2 % on an Intel Xeon; at AVX2 they saved nothing
+    measurable (0.0 % and 0.2 %, the Xeon), so there the modules compute as
+    the plain ones do (``docs/benchmarks.md``)."""
     if x.device.type != 'cpu' or x.dtype != torch.float32 or _autocast(x):
         return False
     from . import cpu_ext
