@@ -24,8 +24,16 @@ uses a function that returns that constant.
 import argparse
 import importlib
 import json
+import os.path as osp
 import statistics
+import sys
 import time
+
+# the repository root, so that ``benchmarks.variants:NAME`` imports when
+# the script runs as ``python benchmarks/ab_train_step.py``
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 CONSTANTS = {'None': None, 'False': False, 'True': True}
 

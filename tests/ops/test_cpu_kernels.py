@@ -111,10 +111,12 @@ maps, graph = make_maps(1, 2, 4, 2, 2, 3, 16, 16)
 auto = implementation("cpu", "auto", maps[0], maps[2], 2, None)
 assert auto is ({auto}), auto
 assert implementation("cpu", "cpu", maps[0], maps[2], 2, None) is cpu_bra
-ref, grad = fwd_bwd(maps, graph, 2, "reference")
-got, _ = fwd_bwd(maps, graph, 2, "cpu", grad)
-for a, e in zip(got, ref):
-    torch.testing.assert_close(a, e, atol=5e-5, rtol=1e-5)
+for case in {cases!r}:  # every region size the kernels treat apart
+    maps, graph = make_maps(*case)
+    ref, grad = fwd_bwd(maps, graph, case[1], "reference", scale=0.3)
+    got, _ = fwd_bwd(maps, graph, case[1], "cpu", grad, scale=0.3)
+    for a, e in zip(got, ref):
+        torch.testing.assert_close(a, e, atol=5e-5, rtol=1e-5)
 print("ok")
 '''
 
@@ -124,11 +126,11 @@ print("ok")
 @pytest.mark.parametrize('level,auto', [('avx2', 'cpu_bra')])
 def test_pinned_capability_level(level, auto):
     """``ATEN_CPU_CAPABILITY`` pins the kernels' code to that level (a
-    build of its own, 8-lane at AVX2): they still compute the reference,
-    and ``auto`` takes them there."""
+    build of its own, 8-lane at AVX2): they still compute the reference
+    at every case above, and ``auto`` takes them there."""
     env = dict(os.environ, ATEN_CPU_CAPABILITY=level)
-    proc = subprocess.run([sys.executable, '-c',
-                           PINNED.format(level=level, auto=auto)],
+    script = PINNED.format(level=level, auto=auto, cases=KERNEL_CASES)
+    proc = subprocess.run([sys.executable, '-c', script],
                           env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0 and 'ok' in proc.stdout, \
