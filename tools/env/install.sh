@@ -107,12 +107,12 @@ from importlib import metadata
 
 from packaging.requirements import Requirement
 
-# every pin of setup.cfg as it is now (install_requires and both extras)
+# every pin of setup.cfg as it is now (install_requires and the extras)
 # must hold; the installed package's own metadata may be older
 cfg = configparser.ConfigParser()
 cfg.read('setup.cfg')
 lines = cfg['options']['install_requires'].splitlines()
-for extra in ('openmmlab', 'tests'):
+for extra in ('openmmlab', 'tests', 'robustness'):
     lines += cfg['options.extras_require'][extra].splitlines()
 for line in filter(None, (ln.strip() for ln in lines)):
     if line.startswith('#'):
@@ -129,7 +129,7 @@ then
     say "OpenMMLab stack and mmbiformer already installed"
 else
     say "installing mmengine, mmdet, mmsegmentation, mmpretrain and mmbiformer (editable)"
-    "${PIP[@]}" install -q --no-build-isolation -e ".[openmmlab,tests]"
+    "${PIP[@]}" install -q --no-build-isolation -e ".[openmmlab,tests,robustness]"
 fi
 # 4. the project's C++ CPU kernels (mmbiformer/ops/csrc): torch builds and
 # caches them on first use anyway; building here keeps that out of the first
