@@ -69,8 +69,8 @@ View4 view4(const torch::Tensor& t) {
 // bit patterns). At AVX-512 and baseline x86-64 they are GCC vector
 // extensions. At AVX2 (MMB_ISA 2) a v16 is a pair of native 8-lane halves:
 // GCC lowers a 16-lane vector shuffle to 32 scalar moves where the target
-// has no 16-lane registers, which made these kernels 2-16x slower than
-// torch there. Lane shuffles go through shuffle2<Perm16> (constant
+// has no 16-lane registers, which had made these kernels up to 8.5x slower
+// than the operator's portable code there (docs/benchmarks.md). Lane shuffles go through shuffle2<Perm16> (constant
 // two-source) and permute (one source, lane indices in a vector), so the
 // kernels read the same at every level.
 
@@ -144,6 +144,8 @@ constexpr HalfPerm half_perm(Perm16 p, int half) {
     if (p.m[8 * half + j] / 8 != h.first) h.second = p.m[8 * half + j] / 8;
   for (int j = 0; j < 8; ++j) {
     const int src = p.m[8 * half + j] / 8;
+    // not a constant expression: a mask of three source halves fails to
+    // compile
     if (src != h.first && src != h.second) throw "3 source halves";
     h.idx[j] = p.m[8 * half + j] % 8 + (src == h.first ? 0 : 8);
   }
