@@ -11,7 +11,6 @@ Example (the kernels before and after their 8-lane AVX2 build)::
     ATEN_CPU_CAPABILITY=avx2 python benchmarks/cpu_kernels_ab.py 0b032e4
 """
 import argparse
-import logging
 import os
 import statistics
 import subprocess
@@ -24,18 +23,6 @@ SOURCE = 'mmbiformer/ops/csrc/cpu_kernels.cpp'
 STAGES = [('s1', 32, 56, 2, 32, 1), ('s2', 32, 28, 4, 32, 4),
           ('s3', 32, 14, 8, 32, 16), ('s4', 32, 7, 16, 32, 49)]
 N_WIN = 7
-
-
-def build(name: str, source: str):
-    from torch.utils.cpp_extension import load
-
-    from mmbiformer.ops import cpu_ext
-    logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)
-    level = cpu_ext.capability()
-    return load(name=f'{name}_{level}', sources=[source],
-                extra_cflags=['-O3', '-fopenmp'] +
-                cpu_ext._ISA_FLAGS.get(level, []),
-                extra_ldflags=['-fopenmp'])
 
 
 def main(argv=None) -> None:
@@ -61,7 +48,9 @@ def main(argv=None) -> None:
         sources[name] = os.path.join(tmp, f'{name}.cpp')
         with open(sources[name], 'w') as f:
             f.write(text)
-    mods = {name: build(f'mmb_kernels_ab_{name}', src)
+    from mmbiformer.ops import cpu_ext
+    level = cpu_ext.capability()
+    mods = {name: cpu_ext.build(f'mmb_kernels_ab_{name}_{level}', src)
             for name, src in sources.items()}
     print(f'capability {torch.backends.cpu.get_cpu_capability()}, '
           f'{torch.get_num_threads()} threads; before {args.before}, after '

@@ -23,7 +23,7 @@ import warnings
 from types import ModuleType
 from typing import Optional
 
-__all__ = ['available', 'capability', 'load']
+__all__ = ['available', 'build', 'capability', 'load']
 
 SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc',
                   'cpu_kernels.cpp')
@@ -64,6 +64,17 @@ def _builder():
     return build
 
 
+def build(name: str, source: str = SOURCE,
+          verbose: bool = False) -> ModuleType:
+    """Build (or take from torch's cache) ``source`` as the module ``name``
+    for the current capability level (:func:`capability`), with the flags
+    the project's kernels are built with; raises where it cannot."""
+    return _builder()(name=name, sources=[source],
+                      extra_cflags=['-O3', '-fopenmp'] +
+                      _ISA_FLAGS.get(capability(), []),
+                      extra_ldflags=['-fopenmp'], verbose=verbose)
+
+
 def load(verbose: bool = False) -> Optional[ModuleType]:
     """The compiled module, or ``None`` (see the module docstring); the
     first failure is reported once as a warning with its cause."""
@@ -79,15 +90,9 @@ def load(verbose: bool = False) -> Optional[ModuleType]:
                 'Linux x86-64'
         else:
             try:
-                build = _builder()
                 suffix = '' if level not in _ISA_FLAGS else '_' + level
-                module = build(
-                    name='mmbiformer_cpu_kernels' + suffix,
-                    sources=[SOURCE],
-                    extra_cflags=['-O3', '-fopenmp'] +
-                    _ISA_FLAGS.get(level, []),
-                    extra_ldflags=['-fopenmp'],
-                    verbose=verbose)
+                module = build(name='mmbiformer_cpu_kernels' + suffix,
+                               verbose=verbose)
                 reason = None
             except Exception as err:  # compiler/ninja missing, build error
                 reason = f'{type(err).__name__}: {err}'.strip()[-500:]
