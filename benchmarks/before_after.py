@@ -83,6 +83,9 @@ def main(argv=None) -> None:
                    help="also the current backbone with the older version's "
                    'attention layers (BiLevelRoutingAttention), to tell the '
                    "attention's share of a difference from the rest")
+    p.add_argument('--fixed-order', action='store_true',
+                   help='the models in the same order every round (by '
+                   'default each round starts one model later)')
     args = p.parse_args(argv)
 
     tmp = tempfile.mkdtemp(prefix='before_after_')
@@ -153,8 +156,13 @@ def run(args) -> None:
                 step(name)
         times = {name: [] for name in models}
         faults = {name: [] for name in models}
-        for _ in range(args.rounds):
-            for name in models:
+        names = list(models)
+        for i in range(args.rounds):
+            # each model after each other one alike: a step inherits the
+            # heap the step before it leaves (how much of it is mapped)
+            order = names if args.fixed_order else \
+                names[i % len(names):] + names[:i % len(names)]
+            for name in order:
                 use = resource.getrusage(resource.RUSAGE_SELF)
                 start = time.perf_counter()
                 step(name)

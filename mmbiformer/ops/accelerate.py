@@ -139,8 +139,9 @@ def training_fusions(x: Tensor) -> bool:
     CPU at the AVX-512 capability level with the C++ kernels built. There
     they saved 3.4 % and 7.4 % of a BiFormer-S training step on an AMD
     EPYC, 0.8 % and 1.2 % on an Intel Xeon; at AVX2 they saved nothing
-    measurable (0.0 % and 0.2 %, the Xeon), so there the modules compute as
-    the plain ones do (``docs/benchmarks.md``)."""
+    measurable (0.0 % and 0.2 %, the Xeon at a forced AVX2; 1.7 % and
+    -3.3 % on an AVX2-only AMD EPYC), so there the modules compute as the
+    plain ones do (``docs/benchmarks.md``)."""
     if x.device.type != 'cpu' or x.dtype != torch.float32 or _autocast(x):
         return False
     from . import cpu_ext
