@@ -7,7 +7,10 @@ The older checkout's ``mmbiformer`` package is copied under another name
 that both versions import side by side without registering into the
 toolboxes twice. Their training steps (backbone forward, a mean-square
 loss on the last output, backward, AdamW) or inference forwards then
-alternate, so that a drifting machine hits all alike. The current model
+alternate, so that a drifting machine hits all alike; each round starts
+one model later, and each turn times a model's step after an untimed one
+(``--turn-warmup``), so that a timed step runs on the heap its own model
+left, not on the one the model before it left. The current model
 runs after ``mmbiformer.models.accelerate()`` (what the tools do), the
 older one as it was built. Prints, per mode, the median step of each and
 Swin-T's step over each BiFormer's (above 1: faster than Swin-T), and the
@@ -83,6 +86,9 @@ def main(argv=None) -> None:
                    help="also the current backbone with the older version's "
                    'attention layers (BiLevelRoutingAttention), to tell the '
                    "attention's share of a difference from the rest")
+    p.add_argument('--turn-warmup', type=int, default=1,
+                   help='untimed steps of a model before each timed one '
+                   '(0: one timed step per turn, as before 2026-12-07)')
     p.add_argument('--fixed-order', action='store_true',
                    help='the models in the same order every round (by '
                    'default each round starts one model later)')
@@ -158,11 +164,16 @@ def run(args) -> None:
         faults = {name: [] for name in models}
         names = list(models)
         for i in range(args.rounds):
-            # each model after each other one alike: a step inherits the
-            # heap the step before it leaves (how much of it is mapped)
+            # each model after each other one alike, against drift
             order = names if args.fixed_order else \
                 names[i % len(names):] + names[:i % len(names)]
             for name in order:
+                # untimed steps first: a model's first step after another
+                # model's inherits that model's heap (how much of it the
+                # allocator has kept mapped) and pays page faults by the
+                # order of the models, not by its own code
+                for _ in range(args.turn_warmup):
+                    step(name)
                 use = resource.getrusage(resource.RUSAGE_SELF)
                 start = time.perf_counter()
                 step(name)
