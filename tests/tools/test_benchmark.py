@@ -221,3 +221,20 @@ def test_before_after_cli(tmp_path):
     assert line and 'before' in line[0] and 'after' in line[0] and \
         'hybrid' in line[0] and 'Swin-T / after' in line[0], proc.stdout
     assert 'minor page faults' in proc.stdout, proc.stdout
+
+
+def test_fault_sources_cli():
+    """fault_sources.py counts one training step's page faults and
+    attributes them to operators (every count a non-negative integer, the
+    operators' share at most the step's total)."""
+    proc = subprocess.run(
+        [sys.executable, osp.join(REPO, 'benchmarks', 'fault_sources.py'),
+         '--arch', 'tiny', '--batch', '1', '--warmup', '1', '--threads', '1',
+         '--top', '5'],
+        capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    head = proc.stdout.splitlines()[0].split()
+    total, inside = int(head[0]), int(head[-3])
+    assert head[1:4] == ['minor', 'faults', 'in'], proc.stdout
+    assert 0 <= inside <= total, proc.stdout
+    assert 'by operator:' in proc.stdout, proc.stdout
