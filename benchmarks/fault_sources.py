@@ -13,7 +13,7 @@ Examples (the second: an older checkout, e.g. ``git worktree add
 ../before 9feb38e``)::
 
     python benchmarks/fault_sources.py --threads 2
-    TORCH_EXTENSIONS_DIR=/tmp/before_ext python benchmarks/fault_sources.py \
+    TORCH_EXTENSIONS_DIR=../before_ext python benchmarks/fault_sources.py \
         --threads 2 --checkout ../before --no-accelerate
 """
 import argparse
