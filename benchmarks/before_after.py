@@ -9,8 +9,9 @@ toolboxes twice. Their training steps (backbone forward, a mean-square
 loss on the last output, backward, AdamW) or inference forwards then
 alternate, so that a drifting machine hits all alike; each round starts
 one model later, and each turn times a model's step after an untimed one
-(``--turn-warmup``), so that a timed step runs on the heap its own model
-left, not on the one the model before it left. The current model
+(``--turn-warmup``), so that a timed step follows a step of its own model
+rather than another model's, whose heap it would inherit (the page faults
+still depend on what the other models keep). The current model
 runs after ``mmbiformer.models.accelerate()`` (what the tools do), the
 older one as it was built. Prints, per mode, the median step of each and
 Swin-T's step over each BiFormer's (above 1: faster than Swin-T), and the
