@@ -90,20 +90,30 @@ def main(argv=None) -> None:
         def patched(*_args, **_kwargs):
             return value
 
-    _, model, data, optim = training_setup(args.config, args.batch,
-                                           args.img_size)
+    scope, model, data, optim = training_setup(args.config, args.batch,
+                                               args.img_size)
     if args.accelerate:
         from mmbiformer.models.accelerate import accelerate
         accelerate(model)
     if args.mode == 'train':
         def step():
             model.train_step(data, optim)
-    else:
+    elif scope == 'mmpretrain':
         model.eval()
 
         def step():
             with torch.no_grad():
                 model.test_step(data)
+    else:
+        # detectors and segmentors: the network's forward without the
+        # post-processing (the synthetic batch has no image metadata), as
+        # the tools' benchmark times it
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                prepared = model.data_preprocessor(data, False)
+                model(prepared['inputs'], mode='tensor')
     for _ in range(args.warmup):
         step()
     times = {'as is': [], 'patched': []}

@@ -5,7 +5,8 @@ import torch.nn as nn
 
 
 def plain_mlp(mlp: nn.Sequential, x):
-    """The MLP as ``nn.Sequential`` computes it (no GELU post-op)."""
+    """The MLP as ``nn.Sequential`` computes it (three ops on whole
+    tensors, no fused GELU, no row blocks)."""
     return nn.Sequential.forward(mlp, x)
 
 

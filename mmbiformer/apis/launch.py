@@ -211,9 +211,10 @@ def build_runner(cfg: Config):
 def accelerate_backbones(model, accelerate_cfg='auto',
                          compiled: bool = False) -> bool:
     """``accelerate`` in a config: whether the BiFormer backbones go through
-    :func:`mmbiformer.models.accelerate.accelerate` (oneDNN products and
-    the GELU as a post-op in inference, a one-pass weight gradient for the
-    5x5 depthwise convs in training; state dict unchanged).
+    :func:`mmbiformer.models.accelerate.accelerate` (in inference oneDNN
+    products with the GELU as a post-op at AVX-512, the MLP in row blocks
+    at AVX2; a one-pass weight gradient for the 5x5 depthwise convs in
+    training; state dict unchanged).
 
     ``'auto'`` (the default) applies it where it was measured to pay
     (``docs/benchmarks.md``): eager runs on a CPU at the AVX-512 or AVX2

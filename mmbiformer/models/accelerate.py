@@ -10,8 +10,9 @@ MLPs, the 5x5 depthwise convs (LePE) and the blocks become
 :class:`~mmbiformer.ops.accelerate.AcceleratedLinear`,
 :class:`~mmbiformer.ops.accelerate.AcceleratedMlp`,
 :class:`~mmbiformer.ops.accelerate.AcceleratedDepthwiseConv` and
-:class:`AcceleratedBlock`: registered operators whose CPU registration runs
-oneDNN products and the GELU post-op in inference, a one-pass C++ weight
+:class:`AcceleratedBlock`: registered operators whose CPU registration runs,
+in inference, oneDNN products with the GELU as a post-op at the AVX-512
+level and the MLP a block of rows at a time at AVX2, a one-pass C++ weight
 gradient of the convs in training, and at the AVX-512 level the MLP and the
 residual add with ``norm2`` as one operator each in training; in CPU
 training the blocks run a partly dropped branch (drop path) for its kept

@@ -11,17 +11,23 @@ operators whose CPU registration picks the kernel, so ``torch.compile`` and
 * ``nn.Linear`` -> :class:`AcceleratedLinear`: in inference
   ``mmbiformer::linear``, whose CPU registration runs float32 products in
   oneDNN (``torch.ops.mkldnn._linear_pointwise``) instead of torch's
-  default CPU GEMM; other devices and dtypes run ``F.linear``. The
-  operator is differentiable, but the module trains through
-  ``F.linear``: in an interleaved A/B of a BiFormer-S training step
-  oneDNN's products saved 1.8 % at AVX-512 and nothing at AVX2, against
-  15.6 % and 3.1 % of an inference step
+  default CPU GEMM at the AVX-512 level; other levels, devices and dtypes
+  run ``F.linear``. The operator is differentiable, but the module trains
+  through ``F.linear``: in an interleaved A/B of a BiFormer-S training
+  step oneDNN's products saved 1.8 % at AVX-512 and nothing at AVX2,
+  against 15.6 % of an inference step at AVX-512; at AVX2, on a processor
+  without AVX-512, torch's products were the faster ones in inference too
   (``docs/benchmarks.md``).
 * ``Sequential(Linear, [Identity,] GELU, Linear)`` -> :class:`AcceleratedMlp`:
-  where no gradient is needed (inference), the GELU runs as a oneDNN
-  post-op of the first product (``mmbiformer::linear_gelu``), saving one
-  pass over the widest activation of the block (5.6 % of a BiFormer-S
-  inference step at AVX-512, 0.5 % at AVX2). In training at the AVX-512
+  where no gradient is needed (inference), the MLP is one operator,
+  ``mmbiformer::gelu_mlp_inference``: at AVX-512 both products in oneDNN
+  with the GELU as a post-op of the first, saving one pass over the
+  widest activation of the block (5.6 % of a BiFormer-S inference step);
+  at AVX2 torch's products a block of rows at a time, the GELU in place on
+  each block's hidden activations, which stay in the cache instead of
+  taking fresh memory pages when they are large (:func:`mlp_in_blocks`;
+  3-10 % of an inference step at batch 16, and 10 % against the oneDNN
+  MLP, on an AVX2-only AMD EPYC). In training at the AVX-512
   level (:func:`training_fusions`) the MLP is one operator,
   ``mmbiformer::gelu_mlp``, that keeps the hidden pre-activation but not
   the GELU output and recomputes it in its backward in one pass of a C++
@@ -56,13 +62,22 @@ from torch import Tensor
 __all__ = [
     'AcceleratedDepthwiseConv', 'AcceleratedLinear', 'AcceleratedMlp',
     'add_layer_norm', 'add_norm', 'depthwise_conv2d', 'depthwise_weight_grad',
-    'gelu_mlp', 'linear', 'linear_gelu', 'swap_modules', 'training_fusions'
+    'gelu_mlp', 'gelu_mlp_inference', 'linear', 'mlp_in_blocks',
+    'swap_modules', 'training_fusions'
 ]
 
 
 def _onednn_linear():
+    """oneDNN's product operator where its float32 products are used: at
+    the AVX-512 capability level, where they saved 15.6 % of a BiFormer-S
+    inference forward. On an AVX2-only AMD EPYC torch's products were the
+    faster ones (4.6 % of a forward for the products outside the MLP), so
+    below AVX-512 this is None and the products are torch's."""
     if not (torch.backends.mkldnn.is_available()
             and torch.backends.mkldnn.enabled):
+        return None
+    from . import cpu_ext
+    if cpu_ext.capability() != 'avx512':
         return None
     return getattr(getattr(torch.ops, 'mkldnn', None), '_linear_pointwise',
                    None)
@@ -110,27 +125,86 @@ def _backward(ctx, grad: Tensor):
 linear.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op('mmbiformer::linear_gelu', mutates_args=())
-def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """``F.gelu(F.linear(x, weight, bias))`` (exact, erf GELU); on the CPU
-    in float32 one oneDNN product with the GELU as its post-op. No
-    gradient: for inference (:class:`AcceleratedMlp` calls it only where
-    none is needed)."""
-    return F.gelu(F.linear(x, weight, bias)).contiguous()
+# --------------------------------------------------- the MLP in inference
+
+#: the inference MLP runs in row blocks where its hidden activations would
+#: take more than this (bytes), each block's taking about _BLOCK_BYTES
+_BLOCKS_ABOVE = 16 << 20
+_BLOCK_BYTES = 4 << 20
 
 
-@linear_gelu.register_kernel('cpu')
-def _(x, weight, bias):
-    op = _onednn_linear()
-    if op is None or x.dtype != torch.float32 or \
-            weight.dtype != torch.float32:
-        return F.gelu(F.linear(x, weight, bias)).contiguous()
-    return op(x, weight, bias, 'gelu', [], 'none').contiguous()
+def mlp_in_blocks(x: Tensor) -> bool:
+    """Whether :func:`gelu_mlp_inference` computes the activations ``x``
+    with torch's products a block of rows at a time (float32 on the CPU at
+    the AVX2 capability level) rather than in oneDNN with the GELU as a
+    post-op. On an AVX2-only AMD EPYC oneDNN's GELU post-op was slower
+    than torch's product and an in-place GELU at every BiFormer-S stage,
+    and a hidden activation of more than 32 MB (the MLP of the first stage
+    at batch 16, or at detection sizes) came from fresh memory pages on
+    every call (``docs/benchmarks.md``)."""
+    if x.device.type != 'cpu' or x.dtype != torch.float32 or _autocast(x):
+        return False
+    from . import cpu_ext
+    return cpu_ext.capability() == 'avx2'
 
 
-@linear_gelu.register_fake
-def _(x, weight, bias):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+def _mlp_blocks(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
+                b2: Optional[Tensor]) -> Tensor:
+    # rows in blocks whose hidden activations stay in the cache, one hidden
+    # buffer for all, each product written where it belongs
+    rows = x.reshape(-1, x.shape[-1])
+    n, hidden = rows.shape[0], w1.shape[0]
+    blocks = 1
+    if n * hidden * 4 > _BLOCKS_ABOVE:
+        blocks = -(-n * hidden * 4 // _BLOCK_BYTES)
+    step = max(1, -(-n // blocks))
+    out = rows.new_empty(n, w2.shape[0])
+    h = rows.new_empty(min(step, n), hidden)
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        hb = h[:stop - start]
+        _product(rows[start:stop], w1, b1, hb)
+        torch.ops.aten.gelu_(hb)
+        _product(hb, w2, b2, out[start:stop])
+    return out.view(*x.shape[:-1], w2.shape[0])
+
+
+def _product(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+             out: Tensor) -> None:
+    if bias is None:
+        torch.mm(x, weight.t(), out=out)
+    else:
+        torch.addmm(bias, x, weight.t(), out=out)
+
+
+@torch.library.custom_op('mmbiformer::gelu_mlp_inference', mutates_args=())
+def gelu_mlp_inference(x: Tensor, w1: Tensor, b1: Optional[Tensor],
+                       w2: Tensor, b2: Optional[Tensor]) -> Tensor:
+    """``F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)`` (exact, erf
+    GELU). No gradient: for inference (:class:`AcceleratedMlp` calls it
+    only where none is needed). On the CPU in float32: in row blocks of
+    torch's products where :func:`mlp_in_blocks` says so, else both
+    products in oneDNN with the GELU as the first one's post-op."""
+    return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2).contiguous()
+
+
+@gelu_mlp_inference.register_kernel('cpu')
+def _(x, w1, b1, w2, b2):
+    params = [t for t in (w1, b1, w2, b2) if t is not None]
+    if x.dtype == torch.float32 and all(t.dtype == torch.float32
+                                        for t in params):
+        if mlp_in_blocks(x):
+            return _mlp_blocks(x, w1, b1, w2, b2)
+        op = _onednn_linear()
+        if op is not None:
+            h = op(x, w1, b1, 'gelu', [], 'none')
+            return op(h, w2, b2, 'none', [], '').contiguous()
+    return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2).contiguous()
+
+
+@gelu_mlp_inference.register_fake
+def _(x, w1, b1, w2, b2):
+    return x.new_empty(*x.shape[:-1], w2.shape[0])
 
 
 def training_fusions(x: Tensor) -> bool:
@@ -487,8 +561,9 @@ def _mlp_layers(seq: nn.Module):
 def mlp_forward(mlp: 'AcceleratedMlp', x: Tensor) -> Tensor:
     """The MLP's output: with gradients one ``mmbiformer::gelu_mlp`` (the
     GELU recomputed in the backward) where :func:`training_fusions` says
-    so, else the plain ``Sequential``; without gradients the GELU fused
-    into the first product. Under autocast the plain ``Sequential``."""
+    so, else the plain ``Sequential``; without gradients one
+    ``mmbiformer::gelu_mlp_inference``. Under autocast the plain
+    ``Sequential``."""
     fc1, fc2 = _mlp_layers(mlp)
     if _autocast(x):
         return nn.Sequential.forward(mlp, x)
@@ -496,14 +571,15 @@ def mlp_forward(mlp: 'AcceleratedMlp', x: Tensor) -> Tensor:
         if training_fusions(x):
             return gelu_mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)[0]
         return nn.Sequential.forward(mlp, x)
-    return fc2(linear_gelu(x, fc1.weight, fc1.bias))
+    return gelu_mlp_inference(x, fc1.weight, fc1.bias, fc2.weight,
+                              fc2.bias)
 
 
 class AcceleratedMlp(nn.Sequential):
-    """A ``Sequential(Linear, [Identity,] GELU, Linear)`` MLP whose GELU is
-    a post-op of the first product in inference (same modules, parameters
-    and results to float rounding; forward hooks on the inner layers fire
-    only in training)."""
+    """A ``Sequential(Linear, [Identity,] GELU, Linear)`` MLP that runs as
+    one operator in inference, ``mmbiformer::gelu_mlp_inference`` (same
+    modules, parameters and results to float rounding; forward hooks on the
+    inner layers fire only in training)."""
 
     def forward(self, x: Tensor) -> Tensor:
         return mlp_forward(self, x)

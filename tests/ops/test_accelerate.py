@@ -18,8 +18,8 @@ from mmbiformer.ops.accelerate import (
     depthwise_conv2d,
     depthwise_weight_grad,
     gelu_mlp,
+    gelu_mlp_inference,
     linear,
-    linear_gelu,
     swap_modules,
 )
 
@@ -208,12 +208,52 @@ def test_mlp_swap_leaves_other_sequentials():
 
 
 @pytest.mark.parametrize('layout', ['compact', 'permuted'])
-def test_opcheck_linear_gelu(layout):
+@pytest.mark.parametrize('bias', [True, False])
+@pytest.mark.parametrize('blocks', [True, False])
+def test_opcheck_gelu_mlp_inference(layout, bias, blocks, monkeypatch):
+    monkeypatch.setattr(acc, 'mlp_in_blocks', lambda x: blocks)
     x = torch.randn(2, 3, 4, 16)
     if layout == 'permuted':
         x = x.transpose(1, 2).contiguous().transpose(1, 2)
-    torch.library.opcheck(linear_gelu, (x, torch.randn(8, 16),
-                                        torch.randn(8)))
+    args = (x, torch.randn(48, 16), torch.randn(48) if bias else None,
+            torch.randn(16, 48), torch.randn(16) if bias else None)
+    torch.library.opcheck(gelu_mlp_inference, args)
+    expected = F.linear(F.gelu(F.linear(*args[:3])), *args[3:])
+    torch.testing.assert_close(gelu_mlp_inference(*args), expected,
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('bias', [True, False])
+def test_mlp_blocks_cover_every_row(bias, monkeypatch):
+    # blocks of 9 hidden rows over 50 rows: the last block a short one
+    monkeypatch.setattr(acc, 'mlp_in_blocks', lambda x: True)
+    monkeypatch.setattr(acc, '_BLOCKS_ABOVE', 0)
+    monkeypatch.setattr(acc, '_BLOCK_BYTES', 9 * 24 * 4)
+    calls = []
+    product = acc._product
+    monkeypatch.setattr(acc, '_product',
+                        lambda *a: calls.append(1) or product(*a))
+    torch.manual_seed(0)
+    args = (torch.randn(5, 10, 8), torch.randn(24, 8),
+            torch.randn(24) if bias else None, torch.randn(8, 24),
+            torch.randn(8) if bias else None)
+    got = gelu_mlp_inference(*args)
+    assert len(calls) == 2 * 6  # two products for each of 6 blocks
+    expected = F.linear(F.gelu(F.linear(*args[:3])), *args[3:])
+    assert got.shape == (5, 10, 8) and got.is_contiguous()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_products_in_onednn_at_avx512_only(monkeypatch):
+    # below AVX-512 torch's products and the MLP in row blocks (measured
+    # faster on an AVX2-only processor); at AVX-512 oneDNN's products
+    x = torch.zeros(2, 16)
+    for level in ('avx512', 'avx2', 'default'):
+        monkeypatch.setattr(cpu_ext, 'capability', lambda lv=level: lv)
+        assert acc.mlp_in_blocks(x) is (level == 'avx2')
+        if torch.backends.mkldnn.is_available():
+            assert (acc._onednn_linear() is not None) is (level == 'avx512')
+    assert not acc.mlp_in_blocks(x.double())
 
 
 def _channels_last(*shape):

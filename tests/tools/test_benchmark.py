@@ -168,6 +168,23 @@ def test_ab_train_step_returning_a_constant(tmp_path):
     assert 'one of the arguments --replacement --returning' in proc.stderr
 
 
+def test_ab_train_step_infers_with_a_detector():
+    """--mode infer with a detector: the network's forward in eval mode
+    (the synthetic batch carries no image metadata for post-processing)."""
+    proc = subprocess.run(
+        [sys.executable,
+         osp.join(REPO, 'benchmarks', 'ab_train_step.py'),
+         osp.join(REPO, 'configs', 'detection', 'retinanet_biformer_s_coco.py')
+         + '@model.backbone.arch=tiny', '--mode', 'infer', '--img-size',
+         '128', '--target', 'torch.compiler:is_exporting', '--returning',
+         'False', '--pairs', '1', '--warmup', '0', '--batch', '1',
+         '--threads', '1'],
+        capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(proc.stdout.splitlines()[-1])
+    assert row['mode'] == 'infer' and row['median_ms_as_is'] > 0
+
+
 def test_train_phases_cli():
     """train_phases.py times forward, backward and optimizer of every
     config's training step, the configs taking turns in one process."""
