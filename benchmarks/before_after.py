@@ -13,9 +13,12 @@ one model later, and each turn times a model's step after an untimed one
 rather than another model's, whose heap it would inherit (the page faults
 still depend on what the other models keep). The current model
 runs after ``mmbiformer.models.accelerate()`` (what the tools do), the
-older one as it was built. Prints, per mode, the median step of each and
-Swin-T's step over each BiFormer's (above 1: faster than Swin-T), and the
-memory pages each step faults in with the system time it takes.
+older one after its own ``accelerate()`` where it has one (what its tools
+did; ``--before-plain`` leaves it as built) and as it was built where it
+has none (before the operator, its fusions were inside the block).
+Prints, per mode, the median step of each and Swin-T's step over each
+BiFormer's (above 1: faster than Swin-T), and the memory pages each step
+faults in with the system time it takes.
 ``--hybrid`` adds the current backbone with the older attention layers.
 
 Example (the before/after table of ``docs/benchmarks.md``)::
@@ -83,6 +86,9 @@ def main(argv=None) -> None:
     p.add_argument('--threads', type=int, default=None)
     p.add_argument('--before-pure-torch', action='store_true',
                    help="the older version without its C++ kernels")
+    p.add_argument('--before-plain', action='store_true',
+                   help="the older version without its accelerate() "
+                   'transform, where it has one')
     p.add_argument('--hybrid', action='store_true',
                    help="also the current backbone with the older version's "
                    'attention layers (BiLevelRoutingAttention), to tell the '
@@ -129,6 +135,9 @@ def run(args) -> None:
     models = {'before': before.BiFormer(**kw), 'after': BiFormer(**kw)}
     models['after'].load_state_dict(models['before'].state_dict())
     accelerate(models['after'])
+    before_accelerate = _older_accelerate()
+    if before_accelerate is not None and not args.before_plain:
+        before_accelerate(models['before'])
     if args.hybrid:
         models['hybrid'] = _hybrid(before_attention, BiFormer(**kw))
         models['hybrid'].load_state_dict(models['before'].state_dict())
@@ -155,7 +164,9 @@ def run(args) -> None:
     print(f'torch {torch.__version__}, capability '
           f'{torch.backends.cpu.get_cpu_capability()}, '
           f'{torch.get_num_threads()} threads, before: {args.before}'
-          + (' without its C++ kernels' if args.before_pure_torch else ''))
+          + (' without its C++ kernels' if args.before_pure_torch else '')
+          + (' after its accelerate()' if before_accelerate is not None
+             and not args.before_plain else ''))
     for mode in args.modes:
         step = train if mode == 'train' else infer
         for name in models:
@@ -193,6 +204,16 @@ def run(args) -> None:
             f'{k} {statistics.median(f for f, _ in v):.0f} / '
             f'{statistics.median(t for _, t in v) * 1e3:.0f}'
             for k, v in faults.items()), flush=True)
+
+
+def _older_accelerate():
+    """The older version's ``models.accelerate.accelerate``, or None where
+    it has none."""
+    try:
+        module = importlib.import_module(f'{ALIAS}.models.accelerate')
+    except ModuleNotFoundError:
+        return None
+    return getattr(module, 'accelerate', None)
 
 
 def _hybrid(attention_cls, model):

@@ -225,8 +225,9 @@ def test_in_process_case_accelerates_biformer_backbones(accelerate):
 def test_before_after_cli(tmp_path):
     """before_after.py imports an older checkout's package beside the
     current one (here the current tree as its own "before": the renamed
-    copy must not collide with it in the registries or torch.library) and
-    reports both against Swin-T."""
+    copy must not collide with it in the registries or torch.library),
+    transforms it with its own accelerate() and reports both against
+    Swin-T."""
     proc = subprocess.run(
         [sys.executable, osp.join(REPO, 'benchmarks', 'before_after.py'),
          REPO, '--arch', 'tiny', '--modes', 'infer', '--infer-batch', '1',
@@ -238,6 +239,8 @@ def test_before_after_cli(tmp_path):
     assert line and 'before' in line[0] and 'after' in line[0] and \
         'hybrid' in line[0] and 'Swin-T / after' in line[0], proc.stdout
     assert 'minor page faults' in proc.stdout, proc.stdout
+    # an older version with an accelerate() runs after it, as its tools did
+    assert 'after its accelerate()' in proc.stdout, proc.stdout
 
 
 def test_fault_sources_cli():
