@@ -33,3 +33,10 @@ def plain_block(block: nn.Module, x):
 #: they had an 8-lane build (``mmbiformer.ops.bra:_KERNEL_LEVELS``): at
 #: AVX2 the portable implementation ran
 KERNEL_LEVELS_AVX512_ONLY = ('avx512', )
+
+
+def onednn_products():
+    """oneDNN's product operator whatever the capability level (the
+    products of ``mmbiformer::linear`` in oneDNN at AVX2 too)."""
+    import torch
+    return torch.ops.mkldnn._linear_pointwise
