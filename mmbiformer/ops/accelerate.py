@@ -86,7 +86,7 @@ def _onednn_linear():
 @torch.library.custom_op('mmbiformer::linear', mutates_args=())
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """``F.linear(x, weight, bias)``; on the CPU in float32 through
-    oneDNN."""
+    oneDNN at the AVX-512 level (:func:`_onednn_linear`)."""
     return F.linear(x, weight, bias).contiguous()
 
 
