@@ -140,8 +140,9 @@ def mlp_in_blocks(x: Tensor) -> bool:
     post-op. On an AVX2-only AMD EPYC oneDNN's GELU post-op was slower
     than torch's product and an in-place GELU at every BiFormer-S stage,
     and a hidden activation of more than 32 MB (the MLP of the first stage
-    at batch 16, or at detection sizes) came from fresh memory pages on
-    every call (``docs/benchmarks.md``)."""
+    at batch 16, or at detection sizes) took fresh memory pages on every
+    call, since glibc maps such sizes anew when its heap holds no freed
+    block that fits (``docs/benchmarks.md``)."""
     if x.device.type != 'cpu' or x.dtype != torch.float32 or _autocast(x):
         return False
     from . import cpu_ext
