@@ -133,6 +133,13 @@ _BLOCKS_ABOVE = 16 << 20
 _BLOCK_BYTES = 4 << 20
 
 
+def _cpu_float32(x: Tensor) -> bool:
+    # float32 activations on the CPU outside autocast: where the CPU paths
+    # of this module apply
+    return x.device.type == 'cpu' and x.dtype == torch.float32 and \
+        not _autocast(x)
+
+
 def mlp_in_blocks(x: Tensor) -> bool:
     """Whether :func:`gelu_mlp_inference` computes the activations ``x``
     with torch's products a block of rows at a time (float32 on the CPU at
@@ -143,7 +150,7 @@ def mlp_in_blocks(x: Tensor) -> bool:
     at batch 16, or at detection sizes) took fresh memory pages on every
     call, since glibc maps such sizes anew when its heap holds no freed
     block that fits (``docs/benchmarks.md``)."""
-    if x.device.type != 'cpu' or x.dtype != torch.float32 or _autocast(x):
+    if not _cpu_float32(x):
         return False
     from . import cpu_ext
     return cpu_ext.capability() == 'avx2'
@@ -155,9 +162,10 @@ def _mlp_blocks(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
     # buffer for all, each product written where it belongs
     rows = x.reshape(-1, x.shape[-1])
     n, hidden = rows.shape[0], w1.shape[0]
+    hidden_bytes = n * hidden * rows.element_size()
     blocks = 1
-    if n * hidden * 4 > _BLOCKS_ABOVE:
-        blocks = -(-n * hidden * 4 // _BLOCK_BYTES)
+    if hidden_bytes > _BLOCKS_ABOVE:
+        blocks = -(-hidden_bytes // _BLOCK_BYTES)
     step = max(1, -(-n // blocks))
     out = rows.new_empty(n, w2.shape[0])
     h = rows.new_empty(min(step, n), hidden)
@@ -217,7 +225,7 @@ def training_fusions(x: Tensor) -> bool:
     measurable (0.0 % and 0.2 %, the Xeon at a forced AVX2; 1.7 % and
     -3.3 % on an AVX2-only AMD EPYC), so there the modules compute as the
     plain ones do (``docs/benchmarks.md``)."""
-    if x.device.type != 'cpu' or x.dtype != torch.float32 or _autocast(x):
+    if not _cpu_float32(x):
         return False
     from . import cpu_ext
     return cpu_ext.capability() == 'avx512' and cpu_ext.load() is not None
